@@ -1,0 +1,38 @@
+"""`python -m predictor`: parse settings (KServe's flags + ferry's), load, serve."""
+
+from __future__ import annotations
+
+import argparse
+
+from kserve.model_server import parser as kserve_parser
+
+from predictor.model import FerryModel
+from predictor.server import FerryModelServer
+from predictor.settings import add_cli_flags, settings_from_args
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m predictor",
+        parents=[kserve_parser],
+        description="ferry: OPT on CTranslate2 behind an async batcher, as a KServe predictor",
+    )
+    add_cli_flags(parser)
+    args = parser.parse_args(argv)
+    settings = settings_from_args(args)
+    model = FerryModel(settings)
+    model.load()  # ModelServer does not call load()
+    server = FerryModelServer(
+        settings,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        workers=args.workers,
+        max_threads=args.max_threads,
+        enable_grpc=args.enable_grpc,
+        event_loop=args.event_loop,
+    )
+    server.start([model])
+
+
+if __name__ == "__main__":
+    main()

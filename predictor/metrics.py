@@ -1,0 +1,108 @@
+"""Every ferry_* metric, defined once (prometheus-client conventions: base units, _total counters,
+closed label sets). KServe's own request_*_seconds histograms live in its own registry entries
+and are kept as they are.
+
+ferry runs one ModelServer worker per pod (the engine and batcher live in the process), so the
+default in-process registry is exact; it scales by pods, not by uvicorn workers.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, Info
+
+# Closed label values (documented in the README).
+PROTOCOLS = ("v1", "v2", "grpc", "generate", "openai")
+OUTCOMES = ("ok", "client_error", "rejected", "timeout", "cancelled", "error")
+REJECT_REASONS = ("queue_full", "draining", "unavailable")
+
+LATENCY_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0,
+    7.5, 10.0, 20.0, 30.0, 60.0,
+)
+ENGINE_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0,
+    1.5, 2.0, 3.0, 5.0, 10.0, 30.0,
+)
+TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+
+
+def batch_size_buckets(max_batch_size: int) -> tuple[float, ...]:
+    """Integer buckets up to the max batch size: every size up to 8, then a doubling ladder."""
+    edges = {float(n) for n in range(1, min(max_batch_size, 8) + 1)}
+    n = 16
+    while n < max_batch_size:
+        edges.add(float(n))
+        n *= 2
+    edges.add(float(max_batch_size))
+    return tuple(sorted(edges))
+
+
+REQUESTS = Counter(
+    "ferry_requests",
+    "Inference requests answered, by protocol and outcome (one per HTTP/gRPC call).",
+    ["protocol", "outcome"],
+)
+REJECTED = Counter(
+    "ferry_requests_rejected",
+    "Generation requests refused without computing them, by reason.",
+    ["reason"],
+)
+TIMEOUTS = Counter(
+    "ferry_requests_timed_out",
+    "Generation requests whose deadline passed, by where they were (queued or running).",
+    ["stage"],
+)
+CANCELLED = Counter(
+    "ferry_requests_cancelled",
+    "Generation requests abandoned by their client, by where they were (queued or running).",
+    ["stage"],
+)
+ENGINE_FAILURES = Counter("ferry_engine_failures", "Engine calls (batches) that raised an error.")
+QUEUE_DEPTH = Gauge("ferry_queue_depth", "Generation requests waiting for an engine slot.")
+QUEUE_CAPACITY = Gauge("ferry_queue_capacity", "Most generation requests the queue admits (max_queue_size).")
+IN_FLIGHT = Gauge("ferry_requests_in_flight", "Generation requests admitted and not yet answered.")
+SLOTS_BUSY = Gauge("ferry_engine_slots_busy", "Engine slots running a batch now.")
+SLOTS_TOTAL = Gauge("ferry_engine_slots", "Engine slots (batches that can run at once).")
+QUEUE_SECONDS = Histogram(
+    "ferry_queue_wait_seconds",
+    "Time a generation request waited in the queue before its batch started.",
+    buckets=LATENCY_BUCKETS,
+)
+ENGINE_SECONDS = Histogram(
+    "ferry_batch_duration_seconds",
+    "Engine time per batch, from dispatch to its last sequence.",
+    buckets=ENGINE_BUCKETS,
+)
+REQUEST_SECONDS = Histogram(
+    "ferry_request_duration_seconds",
+    "End-to-end time of a generation request inside ferry, by protocol.",
+    ["protocol"],
+    buckets=LATENCY_BUCKETS,
+)
+TIME_TO_FIRST_TOKEN = Histogram(
+    "ferry_time_to_first_token_seconds",
+    "Time from admission to the first generated token of a request.",
+    buckets=LATENCY_BUCKETS,
+)
+PROMPT_TOKENS = Counter("ferry_prompt_tokens", "Prompt tokens of computed requests.")
+GENERATED_TOKENS = Counter("ferry_generated_tokens", "Tokens generated and returned to clients.")
+BATCH_TOKENS = Histogram(
+    "ferry_batch_generated_tokens",
+    "Tokens generated per batch.",
+    buckets=TOKEN_BUCKETS,
+)
+MODEL_INFO = Info("ferry_model", "The model being served: name, kind (converted/random/tiny/simulated), device, compute type.")
+
+_batch_size: Histogram | None = None
+
+
+def batch_size_histogram(max_batch_size: int) -> Histogram:
+    """Created once, with buckets fitted to the configured max batch size."""
+    global _batch_size
+    if _batch_size is None:
+        _batch_size = Histogram(
+            "ferry_batch_size",
+            "Requests per engine call (batch).",
+            buckets=batch_size_buckets(max_batch_size),
+        )
+    return _batch_size

@@ -1,0 +1,112 @@
+"""Validation shared by every protocol: each client mistake becomes an InvalidRequest naming
+the field and the limit; each valid prompt becomes one GenerationRequest."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from predictor.batcher import GenerationRequest
+from predictor.engine import GREEDY, Engine, Sampling
+from predictor.protocols.errors import InvalidRequest
+from predictor.settings import Settings
+
+
+@dataclass(frozen=True)
+class Limits:
+    default_max_new_tokens: int
+    max_new_tokens: int
+    max_prompt_tokens: int
+    max_instances: int
+    request_timeout_s: float
+    max_request_timeout_s: float
+    max_positions: int = 2048
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Limits:
+        return cls(
+            default_max_new_tokens=settings.default_max_new_tokens,
+            max_new_tokens=settings.max_new_tokens_limit,
+            max_prompt_tokens=settings.max_prompt_tokens,
+            max_instances=settings.max_instances,
+            request_timeout_s=settings.request_timeout_s,
+            max_request_timeout_s=settings.max_request_timeout_s,
+        )
+
+
+def check_text(value: Any, field: str) -> str:
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidRequest(field, f"is not valid UTF-8 (byte {exc.start})") from None
+    if not isinstance(value, str):
+        raise InvalidRequest(field, f"must be a string, got {type(value).__name__}")
+    if not value:
+        raise InvalidRequest(field, "must not be empty")
+    return value
+
+
+def check_max_new_tokens(value: Any, field: str, limits: Limits) -> int:
+    if value is None:
+        return limits.default_max_new_tokens
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidRequest(field, f"must be an integer, got {type(value).__name__}")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise InvalidRequest(field, f"must be an integer, got {value}")
+        value = int(value)
+    if value < 1 or value > limits.max_new_tokens:
+        raise InvalidRequest(field, f"must be between 1 and {limits.max_new_tokens}, got {value}")
+    return int(value)
+
+
+def check_timeout(value: Any, field: str, limits: Limits) -> float:
+    if value is None:
+        return limits.request_timeout_s
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise InvalidRequest(field, "must be a number of seconds")
+    if value <= 0 or value > limits.max_request_timeout_s:
+        raise InvalidRequest(
+            field, f"must be > 0 and <= {limits.max_request_timeout_s:g} seconds, got {value}"
+        )
+    return float(value)
+
+
+def check_count(count: int, field: str, limits: Limits) -> None:
+    if count < 1:
+        raise InvalidRequest(field, "must hold at least one prompt")
+    if count > limits.max_instances:
+        raise InvalidRequest(field, f"holds {count} prompts; the limit is {limits.max_instances}")
+
+
+def build_request(
+    engine: Engine,
+    text: str,
+    max_new_tokens: int,
+    limits: Limits,
+    *,
+    field: str,
+    timeout_s: float | None = None,
+    sampling: Sampling = GREEDY,
+    stream: bool = False,
+) -> GenerationRequest:
+    tokens = engine.tokenize(text)
+    if len(tokens) > limits.max_prompt_tokens:
+        raise InvalidRequest(
+            field, f"prompt is {len(tokens)} tokens; the limit is {limits.max_prompt_tokens}"
+        )
+    if len(tokens) + max_new_tokens > limits.max_positions:
+        raise InvalidRequest(
+            field,
+            f"prompt ({len(tokens)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+            f"model's {limits.max_positions} positions",
+        )
+    return GenerationRequest(
+        prompt_tokens=tokens,
+        max_new_tokens=max_new_tokens,
+        sampling=sampling,
+        timeout_s=timeout_s if timeout_s is not None else limits.request_timeout_s,
+        stream=stream,
+    )

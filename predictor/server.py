@@ -1,0 +1,256 @@
+"""KServe's ModelServer, with what ferry adds around it:
+
+- its own routes on KServe's FastAPI app (/generate, model metadata that says which weights
+  are served), an exception handler for ferry's status-carrying errors, and an ASGI middleware
+  that enforces the body-size limit and cancels a request whose client went away;
+- the bind address (KServe hard-codes 0.0.0.0 / [::]; tests bind 127.0.0.1);
+- a drain phase on SIGTERM: not ready and refusing new work at once, admitted work finishes
+  within the grace period, then KServe's own shutdown runs and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from concurrent import futures
+from types import FrameType
+from typing import Any
+
+import kserve
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from grpc import aio
+from kserve.model_server import app as kserve_app
+from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
+from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor
+from kserve.protocol.grpc.server import GRPCServer
+from kserve.protocol.grpc.servicer import InferenceServicer
+from kserve.protocol.rest.server import RESTServer
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from predictor.model import FerryModel
+from predictor.protocols import generate
+from predictor.protocols.errors import ServingError, serving_error_handler
+from predictor.settings import Settings
+
+log = logging.getLogger("ferry.server")
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class RequestGuard:
+    """ASGI middleware: 413 for bodies over the limit (before reading them when Content-Length
+    says so), and cancellation of the handler when the client disconnects, so a request whose
+    client is gone is dropped from the queue or stops costing compute."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_body_bytes:
+                await self._too_large(send, int(value))
+                return
+
+        body_done = asyncio.Event()
+        received = 0
+        started = False
+
+        async def guarded_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise BodyTooLarge()
+                if not message.get("more_body", False):
+                    body_done.set()
+            return message
+
+        async def tracked_send(message: Message) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
+        handler = asyncio.ensure_future(self.app(scope, guarded_receive, tracked_send))
+        watcher = asyncio.ensure_future(self._watch_disconnect(body_done, receive, handler))
+        try:
+            await handler
+        except BodyTooLarge:
+            if not started:
+                await self._too_large(send, received)
+        except asyncio.CancelledError:
+            if not watcher.done() or not watcher.result():
+                raise  # cancelled from outside (shutdown), not by a disconnect
+        finally:
+            watcher.cancel()
+
+    @staticmethod
+    async def _watch_disconnect(
+        body_done: asyncio.Event, receive: Receive, handler: asyncio.Future[None]
+    ) -> bool:
+        await body_done.wait()
+        message = await receive()
+        if message["type"] == "http.disconnect" and not handler.done():
+            handler.cancel()
+            return True
+        return False
+
+    async def _too_large(self, send: Send, size: int) -> None:
+        body = orjson.dumps({"error": f"body: {size} bytes is over the limit of {self.max_body_bytes} bytes"})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+def register_routes(app: FastAPI, model: FerryModel) -> None:
+    """ferry's own routes, registered before KServe's so they take precedence where paths meet."""
+
+    @app.post("/generate")
+    async def generate_route(request: Request) -> JSONResponse:
+        async with model.observe("generate"):
+            model.check_accepting()
+            payload = await _json_body(request)
+            req = generate.parse(payload, model.generator, model.limits)
+            (output,) = await model.generate([req])
+            return JSONResponse(generate.response(output))
+
+    @app.get(f"/v2/models/{model.name}")
+    async def model_metadata() -> dict[str, Any]:
+        # The Open Inference Protocol's model metadata, plus what weights are being served.
+        return {
+            "name": model.name,
+            "versions": [],
+            "platform": "ctranslate2",
+            "inputs": model.get_input_types(),
+            "outputs": model.get_output_types(),
+            "parameters": model.model_parameters(),
+        }
+
+    app.add_exception_handler(ServingError, serving_error_handler)
+    app.add_middleware(RequestGuard, max_body_bytes=model.settings.max_body_bytes)
+
+
+async def _json_body(request: Request) -> Any:
+    from predictor.protocols.errors import InvalidRequest
+
+    body = await request.body()
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest("body", f"is not valid JSON ({exc})") from None
+
+
+class BoundGRPCServer(GRPCServer):
+    """KServe's gRPC server, bound to a chosen host instead of [::]."""
+
+    def __init__(self, host: str, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._host = host
+
+    async def start(self, max_workers: int) -> None:
+        servicer = InferenceServicer(self._data_plane, self._model_repository_extension)
+        self._server = aio.server(
+            futures.ThreadPoolExecutor(max_workers=max_workers),
+            interceptors=(ExceptionToStatusInterceptor(),),
+            options=[
+                ("grpc.max_send_message_length", self._kwargs.get("grpc_max_send_message_length")),
+                ("grpc.max_receive_message_length", self._kwargs.get("grpc_max_receive_message_length")),
+            ],
+        )
+        grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self._server)
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        self._server.add_insecure_port(f"{host}:{self._port}")
+        log.info("gRPC server listening on %s:%s", host, self._port)
+        await self._server.start()
+        await self._server.wait_for_termination()
+
+
+class FerryModelServer(kserve.ModelServer):
+    def __init__(self, settings: Settings, **kwargs: Any) -> None:
+        kwargs.setdefault("enable_latency_logging", settings.access_log)
+        kwargs.setdefault("grace_period", max(1, math.ceil(settings.drain_grace_s)))
+        super().__init__(**kwargs)
+        self.settings = settings
+        self._draining: asyncio.Task[None] | None = None
+        if not settings.access_log:
+            # Per-request log lines cost about a quarter of KServe's throughput (MEASURED.md).
+            logging.getLogger("uvicorn.access").disabled = True
+            logging.getLogger("kserve.trace").disabled = True
+
+    def start(self, models: list[kserve.Model]) -> None:  # type: ignore[override]
+        if self.workers != 1:
+            raise SystemExit(
+                "ferry runs one ModelServer worker per pod (the engine and batcher live in the "
+                "process); scale with pods, not --workers"
+            )
+        ferry_models = [m for m in models if isinstance(m, FerryModel)]
+        for model in ferry_models:
+            register_routes(kserve_app, model)
+        self._register_and_check_atleast_one_model_is_ready(models)  # type: ignore[arg-type]
+        rest = RESTServer(
+            "kserve.model_server:app",
+            self.dataplane,
+            self.model_repository_extension,
+            self.http_port,
+            access_log_format=self.access_log_format,
+            workers=1,
+            grace_period=self.grace_period,
+            event_loop=self.event_loop,
+            timeout_keep_alive=self.timeout_keep_alive,
+        )
+        rest.config.host = self.settings.host
+        uvicorn_server = rest._server
+        exit_now = uvicorn_server.handle_exit
+
+        def on_signal(sig: int, frame: FrameType | None) -> None:
+            if self._draining is not None:
+                exit_now(sig, frame)  # second signal: stop waiting
+                return
+            loop = asyncio.get_running_loop()
+            loop.call_soon_threadsafe(self._start_drain, ferry_models, sig, frame, exit_now)
+
+        uvicorn_server.handle_exit = on_signal  # type: ignore[method-assign]
+        self._rest_server = rest
+        self.servers.append(rest.start())
+        if self.enable_grpc:
+            self._grpc_server = BoundGRPCServer(
+                self.settings.host,
+                self.grpc_port,
+                self.dataplane,
+                self.model_repository_extension,
+                kwargs=vars(kserve.model_server.args),
+                grace_period=self.grace_period,
+            )
+            self.servers.append(self._grpc_server.start(self.max_threads))
+        self.setup_event_loop()
+        self.register_signal_handler()
+        asyncio.run(self._serve())
+
+    def _start_drain(self, models: list[FerryModel], sig: int, frame: Any, exit_now: Any) -> None:
+        self._draining = asyncio.ensure_future(self._drain(models, sig, frame, exit_now))
+
+    async def _drain(self, models: list[FerryModel], sig: int, frame: Any, exit_now: Any) -> None:
+        grace = self.settings.drain_grace_s
+        log.info("signal %s: draining (not ready, refusing new requests, up to %.1f s)", sig, grace)
+        for model in models:
+            model.begin_drain()
+        results = await asyncio.gather(*(m.batcher.wait_idle(grace) for m in models))
+        if all(results):
+            log.info("drained: every admitted request was answered")
+        else:
+            log.warning("grace period over with requests still running; stopping anyway")
+        exit_now(sig, frame)

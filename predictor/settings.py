@@ -1,0 +1,127 @@
+"""ferry's settings: one pydantic-settings class, read from FERRY_* env and CLI flags.
+
+CLI flags are layered on KServe's own argparse parser, so `--http_port`, `--grpc_port` and
+friends keep working; ferry's flags are the field names with dashes (`--max-batch-size 32`).
+Precedence: CLI flag > FERRY_* environment variable > default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+KSERVE_MODEL_MOUNT = Path("/mnt/models")
+LOCAL_MODEL_DIR = Path("models/opt-125m")
+
+
+def default_model_dir() -> Path:
+    """KServe's storage-initializer convention in a pod, the `make` build output locally."""
+    return KSERVE_MODEL_MOUNT if KSERVE_MODEL_MOUNT.is_dir() else LOCAL_MODEL_DIR
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FERRY_", extra="forbid")
+
+    # --- model and engine -------------------------------------------------------------
+    model_dir: Path = Field(default_factory=default_model_dir, description="CTranslate2 model directory")
+    model_name: str = Field("opt-125m", min_length=1, description="name on the endpoint paths")
+    engine: Literal["ctranslate2", "simulated"] = Field(
+        "ctranslate2", description="ctranslate2, or simulated (a timing model, no weights)"
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when CTranslate2 sees a GPU")
+    device_index: int = Field(0, ge=0, description="GPU index when device is cuda")
+    compute_type: str = Field("auto", description="auto: int8_float16 on GPU, int8 on CPU")
+    inter_threads: int = Field(1, ge=1, le=64, description="CTranslate2 batches run at once (engine slots)")
+    intra_threads: int = Field(0, ge=0, le=256, description="threads per batch; 0 lets CTranslate2 choose")
+
+    # --- batcher ----------------------------------------------------------------------
+    max_batch_size: int = Field(50, ge=1, le=1024, description="most requests in one engine call")
+    max_batch_wait_s: float = Field(
+        0.0, ge=0.0, le=1.0, description="most time a partial batch may wait to grow; 0 = dispatch at once"
+    )
+    slots: int = Field(0, ge=0, le=64, description="engine calls in flight; 0 = the engine's concurrency")
+    max_queue_size: int = Field(512, ge=1, le=100_000, description="waiting requests before 503")
+
+    # --- request limits ---------------------------------------------------------------
+    default_max_new_tokens: int = Field(16, ge=1, description="when a request names none")
+    max_new_tokens_limit: int = Field(256, ge=1, le=2048, description="largest max_new_tokens accepted")
+    max_prompt_tokens: int = Field(1024, ge=1, le=2048, description="longest prompt accepted, in tokens")
+    max_instances: int = Field(64, ge=1, le=4096, description="most prompts in one request")
+    max_body_bytes: int = Field(1_048_576, ge=1024, description="largest request body accepted")
+    request_timeout_s: float = Field(30.0, gt=0, le=3600, description="default per-request deadline")
+    max_request_timeout_s: float = Field(120.0, gt=0, le=3600, description="largest deadline a client may ask")
+    retry_after_s: int = Field(1, ge=1, le=3600, description="Retry-After sent with 503")
+
+    # --- server -----------------------------------------------------------------------
+    host: str = Field("0.0.0.0", description="address the REST and gRPC servers bind")
+    drain_grace_s: float = Field(
+        20.0, ge=0, le=3600, description="SIGTERM: time queued work gets to finish (keep below the pod's grace)"
+    )
+    access_log: bool = Field(False, description="one log line per request (costs ~25 % at high rates)")
+
+    # --- simulated engine (engine=simulated) ------------------------------------------
+    sim_prefill_s: float = Field(0.002, ge=0, description="simulated fixed cost per batch")
+    sim_step_s: float = Field(0.0015, ge=0, description="simulated cost per decoding step")
+    sim_step_per_seq_s: float = Field(0.00001, ge=0, description="simulated cost per step per sequence")
+    sim_concurrency: int = Field(1, ge=1, le=64, description="simulated batches that can run at once")
+
+    @model_validator(mode="after")
+    def _check_relations(self) -> Settings:
+        if self.default_max_new_tokens > self.max_new_tokens_limit:
+            raise ValueError(
+                f"default_max_new_tokens ({self.default_max_new_tokens}) must be <= "
+                f"max_new_tokens_limit ({self.max_new_tokens_limit})"
+            )
+        if self.request_timeout_s > self.max_request_timeout_s:
+            raise ValueError(
+                f"request_timeout_s ({self.request_timeout_s}) must be <= "
+                f"max_request_timeout_s ({self.max_request_timeout_s})"
+            )
+        if self.engine == "ctranslate2" and not self.model_dir.is_dir():
+            raise ValueError(
+                f"model_dir: {self.model_dir} is not a directory (build one with "
+                "`python -m predictor.models random models/opt-125m`)"
+            )
+        return self
+
+
+def add_cli_flags(parser: argparse.ArgumentParser) -> None:
+    """Adds one flag per setting; defaults are None so that unset flags fall through to env."""
+    group = parser.add_argument_group("ferry")
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        if name == "model_name":
+            continue  # KServe's parser already owns --model_name; read it from there
+        group.add_argument(flag, dest=f"ferry_{name}", default=None, help=field.description)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Builds Settings from parsed flags (over env), exiting with a clear message when invalid."""
+    overrides: dict[str, Any] = {}
+    for name in Settings.model_fields:
+        value = getattr(args, f"ferry_{name}", None)
+        if value is not None:
+            overrides[name] = value
+    kserve_model_name = getattr(args, "model_name", None)
+    if "FERRY_MODEL_NAME" not in os.environ and kserve_model_name not in (None, "model"):
+        overrides["model_name"] = kserve_model_name
+    return load_settings(**overrides)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        lines = ["ferry: invalid settings:"]
+        for error in exc.errors():
+            where = ".".join(str(p) for p in error["loc"]) or "settings"
+            env = f" (FERRY_{where.upper()} / --{where.replace('_', '-')})" if error["loc"] else ""
+            lines.append(f"  {where}{env}: {error['msg']}")
+        print("\n".join(lines), file=sys.stderr)
+        raise SystemExit(2) from None
