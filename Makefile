@@ -12,6 +12,8 @@ GRPC_PORT ?= 8081
 # wrk as a cheap load generator for the benchmark.
 APT_PACKAGES := prometheus wrk
 
+-include mk/*.mk
+
 .PHONY: help serve test lint typecheck models bench bench-quick reliability soak clean system-deps
 
 help:
