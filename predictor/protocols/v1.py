@@ -29,7 +29,9 @@ def parse(payload: Any, engine: Engine, limits: Limits) -> list[GenerationReques
     if not isinstance(instances, list):
         raise InvalidRequest("instances", "must be a list of prompts")
     check_count(len(instances), "instances", limits)
-    parameters = payload.get("parameters") or {}
+    parameters = payload.get("parameters")
+    if parameters is None:
+        parameters = {}
     if not isinstance(parameters, dict):
         raise InvalidRequest("parameters", "must be an object")
     default_tokens = check_max_new_tokens(

@@ -1,0 +1,269 @@
+"""The batcher with a fake engine held by events: dispatch, batch closing, slots, early answers,
+admission, deadlines, cancellation and failure isolation. No sleeps, no timing assertions."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from predictor.batcher import (
+    Batcher,
+    DeadlineExceeded,
+    Draining,
+    EngineFailed,
+    GenerationRequest,
+    QueueFull,
+)
+from predictor.engine import GREEDY, Sampling
+from tests.fakes import WAIT_S, GatedEngine
+
+
+def req(prompt: str = "hello", tokens: int = 2, **kwargs: object) -> GenerationRequest:
+    return GenerationRequest(prompt_tokens=["</s>", prompt], max_new_tokens=tokens, **kwargs)  # type: ignore[arg-type]
+
+
+async def wait_event(event: object) -> None:
+    ok = await asyncio.to_thread(event.wait, WAIT_S)  # type: ignore[attr-defined]
+    assert ok, "event never set"
+
+
+@pytest.fixture
+async def running() -> AsyncIterator[tuple[Batcher, GatedEngine]]:
+    engine = GatedEngine()
+    batcher = Batcher(engine, max_batch_size=4, max_queue_size=20)
+    consumer = asyncio.create_task(batcher.run())
+    yield batcher, engine
+    engine.auto_release = True
+    for call in engine.calls:
+        call.release.set()
+    batcher.stop()
+    await asyncio.wait_for(consumer, WAIT_S)
+    batcher.close()
+
+
+async def test_lone_request_goes_to_the_engine_at_once(running: tuple[Batcher, GatedEngine]) -> None:
+    batcher, engine = running
+    task = asyncio.create_task(batcher.generate(req("alone")))
+    (call,) = await asyncio.to_thread(engine.wait_for_calls, 1)
+    # It reached the engine with no other traffic and no timer: the engine is holding it now.
+    assert call.sizes == 1 and not task.done()
+    call.release.set()
+    output = await asyncio.wait_for(task, WAIT_S)
+    assert output.text == "alone0 alone1" and output.generated_tokens == 2
+
+
+async def test_requests_pile_up_while_busy_and_batches_close_at_max_size(
+    running: tuple[Batcher, GatedEngine],
+) -> None:
+    batcher, engine = running
+    first = asyncio.create_task(batcher.generate(req("first")))
+    (busy,) = await asyncio.to_thread(engine.wait_for_calls, 1)
+    waiting = [asyncio.create_task(batcher.generate(req(f"p{i}"))) for i in range(10)]
+    await asyncio.sleep(0)  # let the submissions run (no time passes)
+    assert batcher.queue_depth == 10
+    engine.auto_release = True
+    busy.release.set()
+    outputs = await asyncio.wait_for(asyncio.gather(first, *waiting), WAIT_S)
+    assert [c.sizes for c in engine.calls] == [1, 4, 4, 2]  # max_batch_size 4
+    assert [o.text for o in outputs[1:]] == [f"p{i}0 p{i}1" for i in range(10)]
+
+
+async def test_two_slots_run_two_batches_at_once() -> None:
+    engine = GatedEngine(concurrency=2)
+    batcher = Batcher(engine, max_batch_size=8)
+    consumer = asyncio.create_task(batcher.run())
+    a = asyncio.create_task(batcher.generate(req("a")))
+    (call_a,) = await asyncio.to_thread(engine.wait_for_calls, 1)
+    b = asyncio.create_task(batcher.generate(req("b")))
+    calls = await asyncio.to_thread(engine.wait_for_calls, 2)
+    assert not call_a.finished.is_set(), "second batch started while the first still runs"
+    for call in calls:
+        call.release.set()
+    assert (await a).text == "a0 a1" and (await b).text == "b0 b1"
+    batcher.stop()
+    await consumer
+    batcher.close()
+
+
+async def test_short_request_is_answered_before_its_batch_ends() -> None:
+    engine = GatedEngine(hold_at_step=3)
+    batcher = Batcher(engine, max_batch_size=8)
+    consumer = asyncio.create_task(batcher.run())
+    blocker = asyncio.create_task(batcher.generate(req("blocker", tokens=1)))
+    (first,) = await asyncio.to_thread(engine.wait_for_calls, 1)
+    short = asyncio.create_task(batcher.generate(req("short", tokens=2)))
+    long = asyncio.create_task(batcher.generate(req("long", tokens=10)))
+    await asyncio.sleep(0)
+    first.release.set()
+    await blocker
+    _, mixed = await asyncio.to_thread(engine.wait_for_calls, 2)
+    assert mixed.sizes == 2
+    await wait_event(mixed.held)  # engine is parked at step 3 of 10
+    output = await asyncio.wait_for(short, WAIT_S)
+    assert output.generated_tokens == 2 and not long.done() and not mixed.finished.is_set()
+    mixed.release.set()
+    assert (await long).generated_tokens == 10
+    batcher.stop()
+    await consumer
+    batcher.close()
+
+
+async def test_full_queue_rejects_at_once_and_never_queues(running: tuple[Batcher, GatedEngine]) -> None:
+    batcher, engine = running
+    first = asyncio.create_task(batcher.generate(req()))
+    (call,) = await asyncio.to_thread(engine.wait_for_calls, 1)
+    queued = [batcher.submit(req()) for _ in range(batcher.max_queue_size)]
+    with pytest.raises(QueueFull, match="20 waiting"):
+        batcher.submit(req())
+    assert batcher.queue_depth == 20
+    engine.auto_release = True
+    call.release.set()
+    await first
+    results = await asyncio.gather(*(batcher.result(t) for t in queued))
+    assert len(results) == 20
+
+
+async def test_draining_refuses_new_work_and_finishes_admitted(running: tuple[Batcher, GatedEngine]) -> None:
+    batcher, engine = running
+    admitted = asyncio.create_task(batcher.generate(req("kept")))
+    (call,) = await asyncio.to_thread(engine.wait_for_calls, 1)
+    batcher.begin_drain()
+    with pytest.raises(Draining):
+        batcher.submit(req())
+    idle = asyncio.create_task(batcher.wait_idle(WAIT_S))
+    await asyncio.sleep(0)
+    assert not idle.done()
+    call.release.set()
+    assert (await admitted).text == "kept0 kept1"
+    assert await idle
+
+
+async def test_deadline_while_queued_is_answered_and_never_computed(
+    running: tuple[Batcher, GatedEngine],
+) -> None:
+    batcher, engine = running
+    first = asyncio.create_task(batcher.generate(req("first")))
+    (call,) = await asyncio.to_thread(engine.wait_for_calls, 1)
+    with pytest.raises(DeadlineExceeded, match="queued"):
+        await batcher.generate(req("late", timeout_s=0.01))
+    assert batcher.queue_depth == 0
+    engine.auto_release = True
+    call.release.set()
+    await first
+    assert (await batcher.generate(req("next"))).text == "next0 next1"
+    computed = [item.prompt_tokens[-1] for c in engine.calls for item in c.items]
+    assert "late" not in computed
+
+
+async def test_cancelled_while_queued_is_never_computed(running: tuple[Batcher, GatedEngine]) -> None:
+    batcher, engine = running
+    first = asyncio.create_task(batcher.generate(req("first")))
+    (call,) = await asyncio.to_thread(engine.wait_for_calls, 1)
+    gone = asyncio.create_task(batcher.generate(req("gone")))
+    await asyncio.sleep(0)
+    assert batcher.queue_depth == 1
+    gone.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+    assert batcher.queue_depth == 0
+    engine.auto_release = True
+    call.release.set()
+    await first
+    await batcher.generate(req("after"))
+    computed = [item.prompt_tokens[-1] for c in engine.calls for item in c.items]
+    assert computed == ["first", "after"]
+
+
+async def test_cancelled_while_running_stops_its_sequence() -> None:
+    engine = GatedEngine(hold_at_step=2)
+    batcher = Batcher(engine, max_batch_size=8)
+    consumer = asyncio.create_task(batcher.run())
+    gone = asyncio.create_task(batcher.generate(req("gone", tokens=10)))
+    (call,) = await asyncio.to_thread(engine.wait_for_calls, 1)
+    await wait_event(call.held)
+    gone.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+    call.release.set()
+    await wait_event(call.finished)
+    assert call.steps_run == 3, "the engine stopped the sequence at the next token"
+    batcher.stop()
+    await consumer
+    batcher.close()
+
+
+async def test_engine_failure_fails_exactly_that_batch() -> None:
+    engine = GatedEngine()
+    engine.fail_calls = {1}
+    batcher = Batcher(engine, max_batch_size=8)
+    consumer = asyncio.create_task(batcher.run())
+    first = asyncio.create_task(batcher.generate(req("ok1")))
+    (call0,) = await asyncio.to_thread(engine.wait_for_calls, 1)
+    doomed = [asyncio.create_task(batcher.generate(req(f"bad{i}"))) for i in range(3)]
+    await asyncio.sleep(0)
+    engine.auto_release = True
+    call0.release.set()
+    assert (await first).text == "ok10 ok11"
+    results = await asyncio.gather(*doomed, return_exceptions=True)
+    assert all(isinstance(r, EngineFailed) for r in results)
+    assert "injected failure" in str(results[0])
+    assert (await batcher.generate(req("ok2"))).text == "ok20 ok21"
+    assert [c.sizes for c in engine.calls] == [1, 3, 1]
+    batcher.stop()
+    await consumer
+    batcher.close()
+
+
+async def test_requests_with_other_sampling_go_to_another_batch(
+    running: tuple[Batcher, GatedEngine],
+) -> None:
+    batcher, engine = running
+    first = asyncio.create_task(batcher.generate(req("first")))
+    (call,) = await asyncio.to_thread(engine.wait_for_calls, 1)
+    hot = Sampling(temperature=0.8, top_k=40)
+    tasks = [
+        asyncio.create_task(batcher.generate(req("g1"))),
+        asyncio.create_task(batcher.generate(req("s1", sampling=hot))),
+        asyncio.create_task(batcher.generate(req("g2"))),
+        asyncio.create_task(batcher.generate(req("s2", sampling=hot))),
+    ]
+    await asyncio.sleep(0)
+    engine.auto_release = True
+    call.release.set()
+    await asyncio.gather(first, *tasks)
+    batches = [([i.prompt_tokens[-1] for i in c.items], c.sampling) for c in engine.calls[1:]]
+    assert batches == [(["g1", "g2"], GREEDY), (["s1", "s2"], hot)]
+
+
+async def test_stop_ends_the_consumer_cleanly_and_fails_queued_with_503(
+    running: tuple[Batcher, GatedEngine],
+) -> None:
+    batcher, engine = running
+    first = asyncio.create_task(batcher.generate(req("first")))
+    (call,) = await asyncio.to_thread(engine.wait_for_calls, 1)
+    queued = asyncio.create_task(batcher.generate(req("queued")))
+    await asyncio.sleep(0)
+    batcher.stop()
+    with pytest.raises(Draining):
+        await queued
+    call.release.set()
+    await first
+
+
+async def test_max_batch_wait_lets_a_partial_batch_grow() -> None:
+    engine = GatedEngine()
+    engine.auto_release = True
+    batcher = Batcher(engine, max_batch_size=3, max_batch_wait_s=WAIT_S)
+    consumer = asyncio.create_task(batcher.run())
+    tasks = [asyncio.create_task(batcher.generate(req(f"w{i}"))) for i in range(2)]
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert engine.calls == [], "a partial batch waits for the window"
+    tasks.append(asyncio.create_task(batcher.generate(req("w2"))))
+    await asyncio.gather(*tasks)  # the third arrival filled the batch: no need to wait out WAIT_S
+    assert [c.sizes for c in engine.calls] == [3]
+    batcher.stop()
+    await consumer
+    batcher.close()
