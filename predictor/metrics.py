@@ -3,17 +3,29 @@ closed label sets). KServe's own request_*_seconds histograms live in its own re
 and are kept as they are.
 
 ferry runs one ModelServer worker per pod (the engine and batcher live in the process), so the
-default in-process registry is exact; it scales by pods, not by uvicorn workers.
+default in-process registry is exact; it scales by pods, not by uvicorn workers. KServe's
+workers > 1 would pickle the model into child processes, each with its own engine, queue and
+metrics, and prometheus-client's multiprocess mode cannot express per-process gauges such as
+queue depth as one pod-level value without choosing an aggregation for each; one worker per pod
+keeps every gauge exact and lets Kubernetes (KPA/KEDA/HPA) do the scaling.
+
+Labelled counters are initialised to zero for every value of their closed label sets, so that
+`rate()` of an outcome that has not happened yet is 0 rather than "no data" (dashboards show 0,
+ratio alerts stay evaluable, and "no traffic" can be told from "not scraped"). `_created`
+series are switched off: Prometheus would store them as extra gauges nobody queries.
 """
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, Info
+from prometheus_client import Counter, Gauge, Histogram, Info, disable_created_metrics
+
+disable_created_metrics()
 
 # Closed label values (documented in the README).
 PROTOCOLS = ("v1", "v2", "grpc", "generate", "openai")
 OUTCOMES = ("ok", "client_error", "rejected", "timeout", "cancelled", "error")
 REJECT_REASONS = ("queue_full", "draining", "unavailable")
+STAGES = ("queued", "running")
 
 LATENCY_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0,
@@ -59,7 +71,9 @@ CANCELLED = Counter(
 )
 ENGINE_FAILURES = Counter("ferry_engine_failures", "Engine calls (batches) that raised an error.")
 QUEUE_DEPTH = Gauge("ferry_queue_depth", "Generation requests waiting for an engine slot.")
-QUEUE_CAPACITY = Gauge("ferry_queue_capacity", "Most generation requests the queue admits (max_queue_size).")
+QUEUE_CAPACITY = Gauge(
+    "ferry_queue_capacity", "Most generation requests the queue admits (max_queue_size)."
+)
 IN_FLIGHT = Gauge("ferry_requests_in_flight", "Generation requests admitted and not yet answered.")
 SLOTS_BUSY = Gauge("ferry_engine_slots_busy", "Engine slots running a batch now.")
 SLOTS_TOTAL = Gauge("ferry_engine_slots", "Engine slots (batches that can run at once).")
@@ -88,10 +102,29 @@ PROMPT_TOKENS = Counter("ferry_prompt_tokens", "Prompt tokens of computed reques
 GENERATED_TOKENS = Counter("ferry_generated_tokens", "Tokens generated and returned to clients.")
 BATCH_TOKENS = Histogram(
     "ferry_batch_generated_tokens",
-    "Tokens generated per batch.",
+    "Tokens generated per batch (engine call).",
     buckets=TOKEN_BUCKETS,
 )
-MODEL_INFO = Info("ferry_model", "The model being served: name, kind (converted/random/tiny/simulated), device, compute type.")
+MODEL_INFO = Info(
+    "ferry_model",
+    "The model being served (always 1): name, kind (converted/random/tiny/simulated), "
+    "device, compute type.",
+)
+
+
+def _initialise_label_sets() -> None:
+    """Every closed label combination exists from start-up with the value 0."""
+    for protocol in PROTOCOLS:
+        for outcome in OUTCOMES:
+            REQUESTS.labels(protocol, outcome)
+    for reason in REJECT_REASONS:
+        REJECTED.labels(reason)
+    for stage in STAGES:
+        TIMEOUTS.labels(stage)
+        CANCELLED.labels(stage)
+
+
+_initialise_label_sets()
 
 _batch_size: Histogram | None = None
 
@@ -102,7 +135,7 @@ def batch_size_histogram(max_batch_size: int) -> Histogram:
     if _batch_size is None:
         _batch_size = Histogram(
             "ferry_batch_size",
-            "Requests per engine call (batch).",
+            "Requests per engine call (batch); buckets are integers up to max_batch_size.",
             buckets=batch_size_buckets(max_batch_size),
         )
     return _batch_size
