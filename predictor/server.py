@@ -140,6 +140,9 @@ def register_routes(app: FastAPI, model: FerryModel) -> None:
             "parameters": model.model_parameters(),
         }
 
+    from predictor.protocols.openai import register_openai_routes  # /openai/v1/...
+
+    register_openai_routes(app, model)
     app.add_exception_handler(ServingError, serving_error_handler)
     app.add_middleware(RequestGuard, max_body_bytes=model.settings.max_body_bytes)
 
