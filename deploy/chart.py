@@ -27,11 +27,15 @@ def load_values(path: Path) -> dict[str, Any]:
     return values
 
 
-def render(values: dict[str, Any] | None = None, *, name: str = "ferry", namespace: str = NAMESPACE) -> dict[str, str]:
-    """Template path -> rendered text (NOTES.txt included), exactly as `helm template` would give."""
+def render(
+    values: dict[str, Any] | None = None, *, name: str = "ferry", namespace: str = NAMESPACE
+) -> dict[str, str]:
+    """Template path -> rendered text (NOTES.txt included), as `helm template` gives it."""
     import helm_python
 
-    return dict(helm_python.Chart.load(str(CHART)).render(values or {}, name=name, namespace=namespace))
+    return dict(
+        helm_python.Chart.load(str(CHART)).render(values or {}, name=name, namespace=namespace)
+    )
 
 
 def render_objects(

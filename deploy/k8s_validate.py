@@ -184,7 +184,9 @@ def validate_crd(doc: dict[str, Any], schema_dir: Path = SCHEMA_DIR) -> list[str
     path = schema_path(str(doc["apiVersion"]), str(doc["kind"]), schema_dir)
     if not path.is_file():
         return [f"no schema file {path.name} in {schema_dir}: add the CRD schema to validate it"]
-    errors = sorted(_crd_validator(path).iter_errors(doc), key=lambda e: [str(p) for p in e.absolute_path])
+    errors = sorted(
+        _crd_validator(path).iter_errors(doc), key=lambda e: [str(p) for p in e.absolute_path]
+    )
     msgs: list[str] = []
     for err in errors:
         for m in _messages(err):
@@ -203,7 +205,10 @@ def validate_builtin(doc: dict[str, Any], kube_version: str = DEFAULT_KUBE_VERSI
         where = _fmt_path(list(exc.path)) if getattr(exc, "path", None) else "<root>"
         return [f"{where}: {exc.message}"]
     except kubernetes_validate.SchemaNotFoundError as exc:
-        return [f"no Kubernetes {kube_version} schema for {doc.get('apiVersion')}/{doc.get('kind')}: {exc}"]
+        return [
+            f"no Kubernetes {kube_version} schema for {label(doc)} "
+            f"({doc.get('apiVersion')}): {exc}"
+        ]
     return []
 
 
@@ -236,7 +241,11 @@ def iter_documents(text: str) -> Iterator[Any]:
     for doc in yaml.load_all(text, Loader=_yaml_loader()):
         if doc is None:
             continue
-        if isinstance(doc, dict) and str(doc.get("kind", "")).endswith("List") and isinstance(doc.get("items"), list):
+        if (
+            isinstance(doc, dict)
+            and str(doc.get("kind", "")).endswith("List")
+            and isinstance(doc.get("items"), list)
+        ):
             yield from doc["items"]
         else:
             yield doc
@@ -252,7 +261,9 @@ def label(doc: Any) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Strictly validate Kubernetes objects offline.")
     ap.add_argument("files", nargs="+", help="YAML files ('-' for stdin)")
-    ap.add_argument("--kube-version", default=DEFAULT_KUBE_VERSION, help="Kubernetes version for built-in kinds")
+    ap.add_argument(
+        "--kube-version", default=DEFAULT_KUBE_VERSION, help="Kubernetes version for built-in kinds"
+    )
     ap.add_argument("-q", "--quiet", action="store_true", help="print only problems")
     args = ap.parse_args(argv)
     failed = 0
