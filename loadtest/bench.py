@@ -1,0 +1,668 @@
+"""`make bench` / `make bench-quick`: ferry beside the engine ceiling and the write-up's servers.
+
+One run, one machine, one model directory, the same CTranslate2 settings for everyone, one load
+generator (loadtest/driver.py, closed loop):
+
+1. ferry on CTranslate2, and after each of its measurements the engine ceiling: CTranslate2
+   called directly with the batch sizes ferry formed in that window (from ferry's own
+   ferry_batch_size histogram), as many calls in flight as ferry's slots;
+2. the naive FastAPI server (engine on the event loop, one request per call);
+3. the timer batcher (FastAPI + background task, max batch 50, fixed 100 ms wait);
+4. ferry with SimulatedEngine at GPU-class speed, beside that engine's own ceiling.
+
+Each server is measured at every concurrency of the sweep; the reference concurrency (40) is
+measured `reps` times and reported as the median. Everything runs on 127.0.0.1 in subprocesses
+that are stopped at the end, whatever happens. Results: bench-results/bench-<mode>.{json,md};
+plots: docs/ (full mode) or bench-results/ (quick mode).
+
+Quick mode takes about 2.5 minutes; full mode about 15 (see --help for the knobs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loadtest import report
+from loadtest.ceiling import (
+    batch_sizes_between,
+    histogram_snapshot,
+    metric_value,
+    simulated_ceiling,
+)
+from loadtest.driver import GENERATOR_NAME, DriveResult, drive, generate_body, install_fast_loop
+from loadtest.procs import ROOT, Server, http_get, start_baseline, start_ferry
+from predictor.engine import LatencyModel
+
+REFERENCE_PROMPT = "Hello World, what is your name dog?"
+FULL_LEVELS = [1, 2, 4, 8, 16, 32, 40, 64, 128]
+QUICK_LEVELS = [1, 40]
+SIM_TARGET_RPS = 404.0  # the write-up's Rust server
+
+
+@dataclass
+class BenchConfig:
+    mode: str
+    model_dir: Path
+    levels: list[int]
+    warmup_s: float
+    measure_s: float
+    reps: int
+    max_warmup_s: float
+    out_dir: Path
+    plots_dir: Path
+    inter_threads: int = 2
+    intra_threads: int = 1
+    compute_type: str = "auto"
+    max_batch_size: int = 50
+    ferry_wait_s: float = 0.0
+    reference_users: int = 40
+    prompt: str = REFERENCE_PROMPT
+    max_new_tokens: int = 10
+    servers: list[str] = field(default_factory=lambda: ["ferry", "naive", "timer", "ferry-sim"])
+    protocols: bool = False  # also V1 and V2 REST at the reference concurrency
+    locust: bool = False  # also the write-up's own tool against ferry at the reference
+
+    def repetitions(self, users: int) -> int:
+        return self.reps if users == self.reference_users else 1
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# ---- one measurement ------------------------------------------------------------------
+
+
+class Snapshots:
+    """Server CPU, /metrics or /stats at the two edges of the measurement window."""
+
+    def __init__(self, server: Server, metrics_path: str | None, stats_path: str | None) -> None:
+        self.server = server
+        self.metrics_path = metrics_path
+        self.stats_path = stats_path
+        self.cpu: list[float] = []
+        self.metrics: list[str] = []
+        self.stats: list[dict[str, Any]] = []
+
+    async def take(self) -> None:
+        self.cpu.append(self.server.cpu_seconds())
+        if self.metrics_path:
+            _, body = await asyncio.to_thread(http_get, self.server.url + self.metrics_path)
+            self.metrics.append(body.decode())
+        if self.stats_path:
+            _, body = await asyncio.to_thread(http_get, self.server.url + self.stats_path)
+            self.stats.append(json.loads(body))
+
+
+def measure(
+    cfg: BenchConfig,
+    server: Server,
+    *,
+    label: str,
+    users: int,
+    path: str = "/generate",
+    body: bytes | None = None,
+    metrics_path: str | None = None,
+    stats_path: str | None = None,
+) -> tuple[dict[str, Any], Snapshots]:
+    snaps = Snapshots(server, metrics_path, stats_path)
+    result: DriveResult = asyncio.run(
+        drive(
+            server.url + path,
+            body if body is not None else generate_body(cfg.prompt, cfg.max_new_tokens),
+            users=users,
+            duration_s=cfg.measure_s,
+            warmup_s=cfg.warmup_s,
+            max_warmup_s=cfg.max_warmup_s,
+            on_measure_start=snaps.take,
+            on_measure_end=snaps.take,
+        )
+    )
+    cpu = snaps.cpu[1] - snaps.cpu[0]
+    row: dict[str, Any] = {
+        "server": label,
+        "users": users,
+        "generator": "aiohttp",
+        "rps": result.rps,
+        "p50_s": result.p(50),
+        "p95_s": result.p(95),
+        "p99_s": result.p(99),
+        "completed": result.completed,
+        "failed": result.failed,
+        "errors": result.errors,
+        "window_s": result.window_s,
+        "warmup_s": result.warmup_s,
+        "cpu_s_per_request": cpu / result.completed if result.completed else 0.0,
+        "server_cpu_share": cpu / result.window_s if result.window_s else 0.0,
+        "client_cpu_share": result.client_cpu_share,
+        "peak_rss_bytes": server.peak_rss_bytes(),
+    }
+    if len(snaps.stats) == 2:
+        batches = snaps.stats[1]["batches"] - snaps.stats[0]["batches"]
+        requests = snaps.stats[1]["requests"] - snaps.stats[0]["requests"]
+        row["mean_batch_size"] = requests / batches if batches else 0.0
+    log(
+        f"{label:10s} users={users:<4d} {result.rps:8.1f} req/s  p50 {result.p(50) * 1000:7.1f} ms"
+        f"  p99 {result.p(99) * 1000:7.1f} ms  failed {result.failed}"
+        f"  server CPU {row['server_cpu_share']:.0%}  generator CPU {result.client_cpu_share:.0%}"
+    )
+    return row, snaps
+
+
+def ferry_batches(row: dict[str, Any], snaps: Snapshots) -> list[int]:
+    """The batches ferry formed in the window, and its own engine time per batch."""
+    before, after = snaps.metrics
+    sizes = batch_sizes_between(histogram_snapshot(before), histogram_snapshot(after))
+    row["batches"] = len(sizes)
+    row["mean_batch_size"] = sum(sizes) / len(sizes) if sizes else 0.0
+    engine_s = metric_value(after, "ferry_batch_duration_seconds_sum") - metric_value(
+        before, "ferry_batch_duration_seconds_sum"
+    )
+    row["ferry_mean_batch_seconds"] = engine_s / len(sizes) if sizes else 0.0
+    return sizes
+
+
+def run_ceiling(
+    cfg: BenchConfig, sizes: list[int], concurrency: int, single_runs: int
+) -> dict[str, Any]:
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(sizes, f)
+        sizes_file = f.name
+    try:
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "loadtest.ceiling",
+                "--model-dir",
+                str(cfg.model_dir),
+                "--sizes",
+                "@" + sizes_file,
+                "--prompt",
+                cfg.prompt,
+                "--max-new-tokens",
+                str(cfg.max_new_tokens),
+                "--concurrency",
+                str(concurrency),
+                "--inter-threads",
+                str(cfg.inter_threads),
+                "--intra-threads",
+                str(cfg.intra_threads),
+                "--compute-type",
+                cfg.compute_type,
+                "--time-cap",
+                str(cfg.measure_s),
+                "--single-runs",
+                str(single_runs),
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=cfg.measure_s * 6 + 120,
+            check=True,
+        )
+    finally:
+        os.unlink(sizes_file)
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+# ---- each server ------------------------------------------------------------------------
+
+
+def bench_ferry(cfg: BenchConfig, log_dir: Path, results: dict[str, Any]) -> None:
+    settings = {
+        "model_dir": cfg.model_dir,
+        "inter_threads": cfg.inter_threads,
+        "intra_threads": cfg.intra_threads,
+        "compute_type": cfg.compute_type,
+        "max_batch_size": cfg.max_batch_size,
+        "max_batch_wait_s": cfg.ferry_wait_s,
+        "max_queue_size": 1024,
+    }
+    server = start_ferry("ferry", log_dir=log_dir, settings=settings)
+    try:
+        server.wait_ready()
+        slots = cfg.inter_threads
+        for users in cfg.levels:
+            for rep in range(cfg.repetitions(users)):
+                row, snaps = measure(
+                    cfg, server, label="ferry", users=users, metrics_path="/metrics"
+                )
+                row["rep"] = rep
+                sizes = ferry_batches(row, snaps)
+                if sizes:
+                    ceiling = run_ceiling(
+                        cfg, sizes, min(slots, users), single_runs=9 if users == 1 else 3
+                    )
+                    row["ceiling"] = ceiling
+                    row["ceiling_rps"] = ceiling["rps"]
+                    row["engine_single_latency_s"] = ceiling["single_latency_s"]
+                    log(
+                        f"{'ceiling':10s} users={users:<4d} {ceiling['rps']:8.1f} req/s"
+                        f"  ({ceiling['batches']} of {len(sizes)} batches replayed, mean"
+                        f" {ceiling['mean_batch_size']:.1f}; {ceiling['mean_batch_seconds']:.3f} s"
+                        f" per batch vs ferry's {row['ferry_mean_batch_seconds']:.3f} s)"
+                        f"  ferry/ceiling {report.ratio(row['rps'], ceiling['rps']):.2f}"
+                    )
+                results["sweep"]["ferry"].append(row)
+        if cfg.protocols:
+            name = "opt-125m"
+            v1 = json.dumps(
+                {"instances": [{"text": cfg.prompt, "max_new_tokens": cfg.max_new_tokens}]}
+            ).encode()
+            v2 = json.dumps(
+                {
+                    "inputs": [
+                        {"name": "text", "shape": [1], "datatype": "BYTES", "data": [cfg.prompt]},
+                        {"name": "max_new_tokens", "shape": [1], "datatype": "INT32",
+                         "data": [cfg.max_new_tokens]},
+                    ]
+                }
+            ).encode()  # fmt: skip
+            for label, path, body in (
+                ("ferry-v1", f"/v1/models/{name}:predict", v1),
+                ("ferry-v2", f"/v2/models/{name}/infer", v2),
+            ):
+                row, snaps = measure(
+                    cfg, server, label=label, users=cfg.reference_users, path=path, body=body,
+                    metrics_path="/metrics",
+                )  # fmt: skip
+                ferry_batches(row, snaps)
+                results["extra"].append(row)
+        if cfg.locust:
+            results["extra"].append(run_locust(cfg, server, log_dir))
+    finally:
+        server.stop()
+        log(f"ferry stopped (log: {server.log_path})")
+
+
+def bench_sim(cfg: BenchConfig, log_dir: Path, results: dict[str, Any]) -> None:
+    latency = LatencyModel()
+    settings = {
+        "engine": "simulated",
+        "max_batch_size": cfg.max_batch_size,
+        "max_batch_wait_s": cfg.ferry_wait_s,
+        "max_queue_size": 1024,
+        "sim_prefill_s": latency.prefill_s,
+        "sim_step_s": latency.step_s,
+        "sim_step_per_seq_s": latency.step_per_seq_s,
+        "sim_concurrency": 1,
+    }
+    server = start_ferry("ferry-sim", log_dir=log_dir, settings=settings)
+    try:
+        server.wait_ready()
+        for users in cfg.levels:
+            for rep in range(cfg.repetitions(users)):
+                row, snaps = measure(
+                    cfg, server, label="ferry-sim", users=users, metrics_path="/metrics"
+                )
+                row["rep"] = rep
+                sizes = ferry_batches(row, snaps)
+                if sizes:
+                    ceiling = simulated_ceiling(
+                        sizes, max_new_tokens=cfg.max_new_tokens, latency=latency, concurrency=1
+                    )
+                    row["ceiling"] = ceiling
+                    row["ceiling_rps"] = ceiling["rps"]
+                results["sweep"]["ferry-sim"].append(row)
+    finally:
+        server.stop()
+        log("ferry-sim stopped")
+
+
+def bench_baseline(cfg: BenchConfig, name: str, log_dir: Path, results: dict[str, Any]) -> None:
+    module = {"naive": "loadtest.baselines.naive", "timer": "loadtest.baselines.timer_batcher"}[
+        name
+    ]
+    server = start_baseline(
+        name,
+        module,
+        log_dir=log_dir,
+        model_dir=cfg.model_dir,
+        engine="ctranslate2",
+        inter_threads=cfg.inter_threads,
+        intra_threads=cfg.intra_threads,
+        compute_type=cfg.compute_type,
+    )
+    try:
+        server.wait_ready()
+        for users in cfg.levels:
+            for rep in range(cfg.repetitions(users)):
+                row, _ = measure(cfg, server, label=name, users=users, stats_path="/stats")
+                row["rep"] = rep
+                results["sweep"][name].append(row)
+    finally:
+        server.stop()
+        log(f"{name} stopped")
+
+
+def run_locust(cfg: BenchConfig, server: Server, log_dir: Path) -> dict[str, Any]:
+    """The write-up's own tool at the reference scenario (its figures are labelled as such)."""
+    prefix = cfg.out_dir / f"locust-reference-{cfg.mode}"
+    run_time = max(10, int(cfg.measure_s * 2))
+    cmd = [
+        str(Path(sys.executable).parent / "locust"),
+        "-f", str(ROOT / "loadtest" / "locustfile.py"), "GenerateUser",
+        "--headless", "--host", server.url,
+        "-u", str(cfg.reference_users), "-r", str(cfg.reference_users),
+        "-t", f"{run_time}s", "--stop-timeout", "10",
+        "--csv", str(prefix), "--html", f"{prefix}.html", "--only-summary",
+        "--prompt", cfg.prompt, "--max-new-tokens", str(cfg.max_new_tokens),
+    ]  # fmt: skip
+    with (log_dir / "locust.log").open("wb") as out:
+        subprocess.run(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, timeout=run_time + 60)
+    stats = read_locust_stats(Path(f"{prefix}_stats.csv"))
+    row = {"server": "ferry-locust", "users": cfg.reference_users, "generator": "locust", **stats}
+    row["peak_rss_bytes"] = server.peak_rss_bytes()
+    log(f"{'locust':10s} users={cfg.reference_users:<4d} {row['rps']:8.1f} req/s (whole run)")
+    return row
+
+
+def read_locust_stats(path: Path) -> dict[str, Any]:
+    import csv
+
+    with path.open() as f:
+        for record in csv.DictReader(f):
+            if record.get("Name") == "Aggregated":
+                return {
+                    "rps": float(record["Requests/s"]),
+                    "p50_s": float(record["50%"]) / 1000,
+                    "p95_s": float(record["95%"]) / 1000,
+                    "p99_s": float(record["99%"]) / 1000,
+                    "completed": int(record["Request Count"]),
+                    "failed": int(record["Failure Count"]),
+                }
+    raise RuntimeError(f"no Aggregated row in {path}")
+
+
+# ---- the whole run ----------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    import ctranslate2
+
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpus": os.cpu_count(),
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "ctranslate2": ctranslate2.__version__,
+        "loadavg_start": os.getloadavg(),
+    }
+
+
+def summarize(cfg: BenchConfig, results: dict[str, Any]) -> dict[str, Any]:
+    sweep = results["sweep"]
+    ref = cfg.reference_users
+
+    def at(server: str, users: int) -> list[dict[str, Any]]:
+        return [r for r in sweep.get(server, []) if r["users"] == users]
+
+    def med(server: str, users: int) -> dict[str, Any] | None:
+        rows = at(server, users)
+        return report.median_row(rows) if rows else None
+
+    s: dict[str, Any] = {"reference_users": ref}
+    ferry_ref = at("ferry", ref)
+    if ferry_ref:
+        s["ferry_over_ceiling"] = report.median_of(
+            [report.ratio(r["rps"], r["ceiling_rps"]) for r in ferry_ref if r.get("ceiling_rps")]
+        )
+    for other in ("naive", "timer"):
+        f, o = med("ferry", ref), med(other, ref)
+        if f and o:
+            s[f"ferry_over_{other}"] = report.ratio(f["rps"], o["rps"])
+    f1, t1 = med("ferry", 1), med("timer", 1)
+    if f1 and t1:
+        s["ferry_over_timer_1_user"] = report.ratio(f1["rps"], t1["rps"])
+        s["timer_over_ferry_p50_1_user"] = report.ratio(t1["p50_s"], f1["p50_s"])
+    if f1 and f1.get("engine_single_latency_s"):
+        s["ferry_p50_1_user_s"] = f1["p50_s"]
+        s["engine_single_latency_s"] = f1["engine_single_latency_s"]
+        s["ferry_p50_over_engine_single"] = report.ratio(f1["p50_s"], f1["engine_single_latency_s"])
+    sim = med("ferry-sim", ref)
+    if sim:
+        s["sim_rps"] = sim["rps"]
+        s["sim_over_ceiling"] = report.ratio(sim["rps"], sim.get("ceiling_rps") or 0.0)
+    sim_ok = [
+        r["users"]
+        for users in cfg.levels
+        if (r := med("ferry-sim", users))
+        and report.ratio(r["rps"], r.get("ceiling_rps") or 0) >= 0.9
+    ]
+    s["sim_highest_users_at_0_9_ceiling"] = max(sim_ok) if sim_ok else None
+    ferry_points = [m for users in cfg.levels if (m := med("ferry", users))]
+    advice = report.capacity_advice(ferry_points) if len(ferry_points) >= 2 else None
+    s["capacity"] = advice
+    return s
+
+
+def verdicts(cfg: BenchConfig, s: dict[str, Any]) -> list[str]:
+    """One PASS/MISS line per target of the issue, with the figures behind it."""
+
+    def line(ok: bool, text: str) -> str:
+        return ("PASS  " if ok else "MISS  ") + text
+
+    ref = s["reference_users"]
+    lines = []
+    if "ferry_over_ceiling" in s:
+        v = s["ferry_over_ceiling"]
+        lines.append(line(v >= 0.9, f"ferry / engine ceiling at {ref} users = {v:.2f} (>= 0.9)"))
+    if "ferry_p50_over_engine_single" in s:
+        v = s["ferry_p50_over_engine_single"]
+        ferry_ms, engine_ms = s["ferry_p50_1_user_s"] * 1000, s["engine_single_latency_s"] * 1000
+        ms = f"{ferry_ms:.0f} ms / {engine_ms:.0f} ms"
+        lines.append(
+            line(v <= 1.1, f"ferry p50 at 1 user / engine single latency = {v:.2f} ({ms}; <= 1.1)")
+        )
+    if "ferry_over_naive" in s:
+        v = s["ferry_over_naive"]
+        lines.append(line(v >= 8, f"ferry / naive at {ref} users = {v:.1f} (>= 8)"))
+    if "ferry_over_timer" in s:
+        v = s["ferry_over_timer"]
+        lines.append(line(v > 1, f"ferry / timer batcher at {ref} users = {v:.2f} (> 1)"))
+    if "ferry_over_timer_1_user" in s:
+        v = s["ferry_over_timer_1_user"]
+        p50 = s["timer_over_ferry_p50_1_user"]
+        lines.append(
+            line(v > 1, f"ferry / timer batcher at 1 user = {v:.2f} (> 1; timer p50 = {p50:.2f}x)")
+        )
+    if "sim_rps" in s:
+        v = s["sim_rps"]
+        share = f"{s['sim_over_ceiling']:.2f} of its ceiling"
+        target = f">= {SIM_TARGET_RPS:.0f}"
+        lines.append(
+            line(v >= SIM_TARGET_RPS, f"ferry + SimulatedEngine at {ref} users = {v:.0f} req/s"
+                 f" ({target}; {share})")
+        )  # fmt: skip
+        lines.append(
+            "      highest swept concurrency with ferry + SimulatedEngine >= 0.9 x its ceiling: "
+            f"{s['sim_highest_users_at_0_9_ceiling']}"
+        )
+    return lines
+
+
+def machine_line(m: dict[str, Any]) -> str:
+    return (
+        f"Machine: {m['cpus']} CPUs ({m['cpu']}), CTranslate2 {m['ctranslate2']},"
+        f" load average {m['loadavg_start'][0]:.2f} at start, {m['loadavg_end'][0]:.2f} at end."
+    )
+
+
+def write_outputs(cfg: BenchConfig, results: dict[str, Any]) -> None:
+    s = results["summary"]
+    ref_rows = []
+    for server in cfg.servers:
+        rows = [r for r in results["sweep"].get(server, []) if r["users"] == cfg.reference_users]
+        if rows:
+            ref_rows.append(report.median_row(rows))
+    ref_rows.extend(results["extra"])
+    one_user = [
+        report.median_row(rows)
+        for server in cfg.servers
+        if (rows := [r for r in results["sweep"].get(server, []) if r["users"] == 1])
+    ]
+    body = {"text": cfg.prompt, "max_new_tokens": cfg.max_new_tokens}
+    md = [
+        f"# ferry benchmark ({cfg.mode} mode)",
+        "",
+        machine_line(results["machine"]),
+        f"Model: `{cfg.model_dir}`, compute type {cfg.compute_type}, inter_threads"
+        f" {cfg.inter_threads}, intra_threads {cfg.intra_threads} for ferry, the baselines"
+        f" and the ceiling; max batch {cfg.max_batch_size};"
+        f" ferry max_batch_wait_s {cfg.ferry_wait_s}.",
+        f"Request: `POST /generate {json.dumps(body)}`.",
+        f"Load generator: {GENERATOR_NAME} unless the row says locust;"
+        f" warm-up >= {cfg.warmup_s:g} s, window {cfg.measure_s:g} s;"
+        f" reference rows are the median of {cfg.reps} run(s).",
+        "",
+        f"## Reference: {cfg.reference_users} users",
+        "",
+        report.markdown_table(ref_rows),
+        "",
+        "## Idle: 1 user",
+        "",
+        report.markdown_table(one_user),
+        "",
+        "## Verdicts",
+        "",
+        "```",
+        *verdicts(cfg, s),
+        "```",
+        "",
+        "## Concurrency sweep",
+        "",
+        report.sweep_table(results["sweep"]),
+        "",
+    ]
+    if s.get("capacity"):
+        md += ["## Capacity advice (Helm values)", "", "```yaml", s["capacity_yaml"], "```", ""]
+    if results.get("plots"):
+        md += ["Plots: " + ", ".join(results["plots"]), ""]
+    cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    (cfg.out_dir / f"bench-{cfg.mode}.md").write_text("\n".join(md))
+    (cfg.out_dir / f"bench-{cfg.mode}.json").write_text(json.dumps(results, indent=2, default=str))
+
+
+def run(cfg: BenchConfig) -> dict[str, Any]:
+    install_fast_loop()
+    started = time.monotonic()
+    log_dir = cfg.out_dir / f"logs-{cfg.mode}"
+    results: dict[str, Any] = {
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+        "generator": GENERATOR_NAME,
+        "machine": machine(),
+        "sweep": {name: [] for name in cfg.servers},
+        "extra": [],
+    }
+    runners: dict[str, Callable[[], None]] = {
+        "ferry": lambda: bench_ferry(cfg, log_dir, results),
+        "naive": lambda: bench_baseline(cfg, "naive", log_dir, results),
+        "timer": lambda: bench_baseline(cfg, "timer", log_dir, results),
+        "ferry-sim": lambda: bench_sim(cfg, log_dir, results),
+    }
+    try:
+        for name in cfg.servers:
+            log(f"--- {name} ---")
+            runners[name]()
+    finally:
+        results["machine"]["loadavg_end"] = os.getloadavg()
+        results["elapsed_s"] = time.monotonic() - started
+        s = summarize(cfg, results)
+        results["summary"] = s
+        if s.get("capacity"):
+            s["capacity_yaml"] = report.capacity_yaml(
+                s["capacity"], f"the ferry sweep ({cfg.mode} mode, {os.cpu_count()} CPUs)"
+            )
+        if len(cfg.levels) > 2:
+            from loadtest.plots import plot_sweep
+
+            title = (
+                f"ferry vs baselines, OPT-125m-shaped int8, {os.cpu_count()} CPUs"
+                f" ({GENERATOR_NAME})"
+            )
+            results["plots"] = [str(p) for p in plot_sweep(results["sweep"], cfg.plots_dir, title)]
+        write_outputs(cfg, results)
+    print()
+    print((cfg.out_dir / f"bench-{cfg.mode}.md").read_text())
+    log(f"done in {results['elapsed_s']:.0f} s; results: {cfg.out_dir}/bench-{cfg.mode}.md, .json")
+    return results
+
+
+def config_from_args(argv: list[str] | None = None) -> BenchConfig:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--mode", choices=["quick", "full"], default="quick")
+    parser.add_argument("--model-dir", type=Path, default=Path("models/opt-125m"))
+    parser.add_argument("--out-dir", type=Path, default=Path("bench-results"))
+    parser.add_argument("--plots-dir", type=Path, default=None, help="default: docs/ in full mode")
+    parser.add_argument("--levels", default=None, help="comma-separated users, e.g. 1,8,40")
+    parser.add_argument("--servers", default="ferry,naive,timer,ferry-sim")
+    parser.add_argument("--warmup", type=float, default=None, help="seconds (at least)")
+    parser.add_argument("--measure", type=float, default=None, help="measurement window, seconds")
+    parser.add_argument("--reps", type=int, default=None, help="runs at the reference concurrency")
+    parser.add_argument("--inter-threads", type=int, default=2)
+    parser.add_argument("--intra-threads", type=int, default=1)
+    parser.add_argument("--compute-type", default="auto")
+    parser.add_argument("--ferry-wait", type=float, default=0.0, help="FERRY_MAX_BATCH_WAIT_S")
+    parser.add_argument("--prompt", default=REFERENCE_PROMPT)
+    parser.add_argument("--max-new-tokens", type=int, default=10)
+    args = parser.parse_args(argv)
+    full = args.mode == "full"
+    levels = (
+        [int(x) for x in args.levels.split(",")]
+        if args.levels
+        else (FULL_LEVELS if full else QUICK_LEVELS)
+    )
+    return BenchConfig(
+        mode=args.mode,
+        model_dir=args.model_dir,
+        levels=levels,
+        warmup_s=args.warmup if args.warmup is not None else (3.0 if full else 2.0),
+        measure_s=args.measure if args.measure is not None else (10.0 if full else 6.0),
+        reps=args.reps if args.reps is not None else (3 if full else 1),
+        max_warmup_s=30.0 if full else 12.0,
+        out_dir=args.out_dir,
+        plots_dir=args.plots_dir or (Path("docs") if full else args.out_dir),
+        inter_threads=args.inter_threads,
+        intra_threads=args.intra_threads,
+        compute_type=args.compute_type,
+        ferry_wait_s=args.ferry_wait,
+        prompt=args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        servers=[s for s in args.servers.split(",") if s],
+        protocols=full,
+        locust=full,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = config_from_args(argv)
+    if not (cfg.model_dir / "model.bin").is_file():
+        sys.exit(f"bench: no model at {cfg.model_dir} (run `make models`)")
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,232 @@
+"""A closed-loop HTTP load generator: N users, each sending its next request as soon as its last
+one is answered (locust with no wait time, wrk's connections), on one asyncio loop with aiohttp.
+
+It records every request's own latency and counts only what completes inside the measurement
+window, which starts after a warm-up that lasts at least `warmup_s` and until every user has had
+one answer (so a slow server at high concurrency is measured in its steady state). Hooks run at
+the window's edges, to snapshot the server's CPU time and /metrics at the same instants.
+
+`python -m loadtest.driver URL --users 40 --duration 10` runs it on its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+
+import aiohttp
+
+BodyFactory = Callable[[random.Random], bytes]
+Hook = Callable[[], Awaitable[None]]
+
+GENERATOR_NAME = "aiohttp closed-loop driver (loadtest/driver.py)"
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile of an already sorted list (0 when empty)."""
+    if not sorted_values:
+        return 0.0
+    rank = max(1, min(len(sorted_values), round(q / 100 * len(sorted_values) + 0.5)))
+    return sorted_values[rank - 1]
+
+
+@dataclass
+class DriveResult:
+    users: int
+    window_s: float
+    warmup_s: float
+    completed: int  # answered 2xx inside the window
+    failed: int  # non-2xx or transport errors inside the window
+    sent_total: int  # every request any user sent, warm-up included
+    ok_total: int  # every 2xx answer, warm-up included
+    latencies_s: list[float] = field(repr=False, default_factory=list)
+    client_cpu_s: float = 0.0
+    errors: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def rps(self) -> float:
+        return self.completed / self.window_s if self.window_s > 0 else 0.0
+
+    def p(self, q: float) -> float:
+        return percentile(self.latencies_s, q)
+
+    @property
+    def client_cpu_share(self) -> float:
+        """The generator's own CPU during the window, in cores (1.0 = one whole core)."""
+        return self.client_cpu_s / self.window_s if self.window_s > 0 else 0.0
+
+    def summary(self) -> dict[str, object]:
+        data = asdict(self)
+        data.pop("latencies_s")
+        data.update(
+            rps=self.rps,
+            p50_s=self.p(50),
+            p95_s=self.p(95),
+            p99_s=self.p(99),
+            client_cpu_share=self.client_cpu_share,
+        )
+        return data
+
+
+def _constant(body: bytes) -> BodyFactory:
+    def make(_rng: random.Random) -> bytes:
+        return body
+
+    return make
+
+
+class _Run:
+    def __init__(self) -> None:
+        self.measuring = False
+        self.stopping = False
+        self.latencies: list[float] = []
+        self.failed = 0
+        self.sent = 0
+        self.ok = 0
+        self.answered_users: set[int] = set()
+        self.errors: dict[str, int] = {}
+
+    def error(self, kind: str) -> None:
+        self.errors[kind] = self.errors.get(kind, 0) + 1
+
+
+async def drive(
+    url: str,
+    body: BodyFactory | bytes,
+    *,
+    users: int,
+    duration_s: float,
+    warmup_s: float = 2.0,
+    max_warmup_s: float = 60.0,
+    timeout_s: float = 120.0,
+    seed: int = 0,
+    on_measure_start: Hook | None = None,
+    on_measure_end: Hook | None = None,
+    headers: dict[str, str] | None = None,
+) -> DriveResult:
+    """Runs `users` closed-loop users against `url` (POST) and measures one window."""
+    make_body = _constant(body) if isinstance(body, bytes) else body
+    run = _Run()
+    all_headers = {"Content-Type": "application/json", **(headers or {})}
+    connector = aiohttp.TCPConnector(limit=users, force_close=False)
+    client_timeout = aiohttp.ClientTimeout(total=timeout_s)
+
+    async with aiohttp.ClientSession(connector=connector, timeout=client_timeout) as session:
+
+        async def user(index: int) -> None:
+            rng = random.Random(seed * 100_003 + index)
+            while not run.stopping:
+                data = make_body(rng)
+                started = time.perf_counter()
+                run.sent += 1
+                try:
+                    async with session.post(url, data=data, headers=all_headers) as response:
+                        await response.read()
+                        ok = 200 <= response.status < 300
+                        kind = f"http {response.status}"
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    ok = False
+                    kind = type(exc).__name__
+                latency = time.perf_counter() - started
+                if ok:
+                    run.ok += 1
+                    run.answered_users.add(index)
+                if run.measuring:
+                    if ok:
+                        run.latencies.append(latency)
+                    else:
+                        run.failed += 1
+                        run.error(kind)
+                elif not ok:
+                    run.error("warm-up " + kind)
+                    await asyncio.sleep(0.05)  # a server still starting: don't spin
+
+        tasks = [asyncio.create_task(user(i)) for i in range(users)]
+        try:
+            began = time.perf_counter()
+            await asyncio.sleep(warmup_s)
+            while len(run.answered_users) < users and time.perf_counter() - began < max_warmup_s:
+                await asyncio.sleep(0.05)
+            warmed = time.perf_counter() - began
+            if on_measure_start is not None:
+                await on_measure_start()
+            cpu0 = time.process_time()
+            t0 = time.perf_counter()
+            run.measuring = True
+            await asyncio.sleep(duration_s)
+            run.measuring = False
+            t1 = time.perf_counter()
+            cpu1 = time.process_time()
+            if on_measure_end is not None:
+                await on_measure_end()
+        finally:
+            run.stopping = True
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    return DriveResult(
+        users=users,
+        window_s=t1 - t0,
+        warmup_s=warmed,
+        completed=len(run.latencies),
+        failed=run.failed,
+        sent_total=run.sent,
+        ok_total=run.ok,
+        latencies_s=sorted(run.latencies),
+        client_cpu_s=cpu1 - cpu0,
+        errors=run.errors,
+    )
+
+
+def generate_body(prompt: str, max_new_tokens: int) -> bytes:
+    return json.dumps({"text": prompt, "max_new_tokens": max_new_tokens}).encode()
+
+
+def mixed_generate_body(
+    prompt: str, short_tokens: int, long_tokens: int, long_fraction: float
+) -> BodyFactory:
+    short, long = generate_body(prompt, short_tokens), generate_body(prompt, long_tokens)
+    return lambda rng: long if rng.random() < long_fraction else short
+
+
+def install_fast_loop() -> None:
+    try:
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("url", help="e.g. http://127.0.0.1:8080/generate")
+    parser.add_argument("--users", type=int, default=40)
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--prompt", default="Hello World, what is your name dog?")
+    parser.add_argument("--max-new-tokens", type=int, default=10)
+    args = parser.parse_args(argv)
+    install_fast_loop()
+    result = asyncio.run(
+        drive(
+            args.url,
+            generate_body(args.prompt, args.max_new_tokens),
+            users=args.users,
+            duration_s=args.duration,
+            warmup_s=args.warmup,
+        )
+    )
+    print(json.dumps(result.summary(), indent=2))
+
+
+if __name__ == "__main__":
+    main()
