@@ -3,22 +3,33 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AsyncExitStack
 from typing import Any
 
 import httpx
 import openai
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
+from predictor.batcher import Batcher, GenerationRequest, QueueFull
 from predictor.protocols.errors import Overloaded, TimedOut
-from predictor.protocols.openai import TextAssembler, error_response
+from predictor.protocols.openai import (
+    Completion,
+    CompletionStream,
+    TextAssembler,
+    _Envelope,
+    error_response,
+)
 from predictor.tokenizer import gpt2_vocabulary, shared_tokenizer
 from tests.conftest import REFERENCE_PROMPT, FerryProcess, start_ferry
+from tests.fakes import WAIT_S, GatedEngine
 
 TOKENIZER = shared_tokenizer()
 
@@ -461,3 +472,56 @@ def test_stop_inside_real_text(text: str, at: int, length: int) -> None:
     deltas, assembler = assemble(TOKENIZER.encode(text)[1:], (stop,))
     assert "".join(deltas) == text[: text.find(stop)]
     assert assembler.stopped
+
+
+# ---- in process: failures mid-stream and at admission (fake engine held by events) --------
+
+
+async def test_deadline_mid_stream_is_an_error_event_then_done() -> None:
+    engine = GatedEngine(hold_at_step=1)  # one token, then the engine holds until released
+    batcher = Batcher(engine, max_batch_size=4, max_queue_size=4)
+    consumer = asyncio.create_task(batcher.run())
+    try:
+        request = GenerationRequest(["</s>", "hi"], max_new_tokens=8, timeout_s=2.0, stream=True)
+        completion = Completion(batcher, [request], ())
+        await completion.start()
+        response = CompletionStream(completion, _Envelope("fake"), False, AsyncExitStack())
+        chunks = [chunk async for chunk in response.body_iterator]
+        assert b'"text":"hi0"' in chunks[0]  # streamed before the deadline passed
+        error = orjson.loads(chunks[1].removeprefix(b"data: "))
+        assert error["error"]["type"] == "server_error"
+        assert error["error"]["code"] == "timeout"
+        assert chunks[2:] == [b"data: [DONE]\n\n"]
+        assert response.finished and response.error is not None
+        assert await batcher.wait_idle(WAIT_S)  # the ticket was let go
+    finally:
+        engine.auto_release = True
+        for call in engine.calls:
+            call.release.set()
+        batcher.stop()
+        await asyncio.wait_for(consumer, WAIT_S)
+        batcher.close()
+
+
+async def test_refused_prompt_abandons_the_admitted_ones() -> None:
+    engine = GatedEngine(hold_at_step=0)
+    batcher = Batcher(engine, max_batch_size=4, max_queue_size=1)
+    consumer = asyncio.create_task(batcher.run())
+    try:
+        busy = asyncio.create_task(batcher.generate(GenerationRequest(["</s>", "busy"], 2)))
+        # The only slot is held: further requests queue.
+        (call,) = await asyncio.to_thread(engine.wait_for_calls, 1)
+        requests = [GenerationRequest(["</s>", w], 2, stream=True) for w in ("a", "b")]
+        completion = Completion(batcher, requests, ())
+        with pytest.raises(QueueFull):
+            await completion.start()  # "a" was admitted, "b" refused
+        assert batcher.queue_depth == 0  # "a" left the queue: it will never be computed
+        call.release.set()
+        await busy
+        assert await batcher.wait_idle(WAIT_S)
+        assert [len(c.items) for c in engine.calls] == [1]
+    finally:
+        engine.auto_release = True
+        batcher.stop()
+        await asyncio.wait_for(consumer, WAIT_S)
+        batcher.close()

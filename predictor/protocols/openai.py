@@ -107,10 +107,13 @@ def error_response(exc: Exception) -> JSONResponse:
     if isinstance(exc, ServingError):
         headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s else None
         return JSONResponse(server_error_body(exc), status_code=exc.http_status, headers=headers)
-    log.exception("unexpected error in an OpenAI route", exc_info=exc)
+    log.error("unexpected error in an OpenAI route", exc_info=exc)
+    return JSONResponse(_internal_error_body(exc), status_code=500)
+
+
+def _internal_error_body(exc: Exception) -> dict[str, Any]:
     message = f"internal error: {type(exc).__name__}"
-    body = error_body(message, type="server_error", code="internal_error")
-    return JSONResponse(body, status_code=500)
+    return error_body(message, type="server_error", code="internal_error")
 
 
 def server_error_body(exc: ServingError) -> dict[str, Any]:
@@ -331,7 +334,7 @@ class _Event:
     index: int
     delta: str
     finish_reason: str | None = None
-    error: BatcherError | None = None
+    error: Exception | None = None
 
 
 @dataclass
@@ -387,7 +390,7 @@ class Completion:
             choice.completion_tokens = len(assembler.tokens)
             choice.finish_reason = "stop" if assembler.stopped else "length"
             self.events.put_nowait(_Event(index, delta, choice.finish_reason))
-        except BatcherError as exc:
+        except Exception as exc:  # BatcherError, or a bug here: either way the request fails
             self.events.put_nowait(_Event(index, "", error=exc))
 
     async def iterate(self) -> AsyncIterator[_Event]:
@@ -520,10 +523,15 @@ class CompletionStream(StreamingResponse):
                     yield self.envelope.chunk(event, with_usage=self.include_usage)
             if self.include_usage:
                 yield self.envelope.usage_chunk(self.completion.choices)
-        except BatcherError as exc:
+        except Exception as exc:
             # Headers are sent: report the failure as an event (the openai client raises it).
-            self.error = from_batcher_error(exc, retry_after_s=1)
-            yield _sse(server_error_body(self.error))
+            if isinstance(exc, BatcherError):
+                self.error = from_batcher_error(exc, retry_after_s=1)
+                yield _sse(server_error_body(self.error))
+            else:
+                log.error("OpenAI stream failed", exc_info=exc)
+                self.error = exc
+                yield _sse(_internal_error_body(exc))
         yield DONE
         self.finished = True
 
