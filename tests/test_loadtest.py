@@ -1,0 +1,213 @@
+"""The benchmark's pieces, fast: baselines answer like ferry, the driver counts what the server
+saw, the ceiling rebuilds ferry's batch sizes from its histogram, the locustfile's classes are
+locust users, and a short headless locust run against a tiny-model ferry has no failures.
+
+Locust monkey-patches the process with gevent when imported, so it only runs in subprocesses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from loadtest import report
+from loadtest.ceiling import batch_sizes_between, histogram_snapshot, simulated_ceiling
+from loadtest.driver import drive, generate_body, percentile
+from loadtest.procs import Server, start_baseline
+from predictor.engine import LatencyModel
+from tests.conftest import REFERENCE_PROMPT, ROOT, FerryProcess, ensure_tiny_model
+
+BODY = {"text": REFERENCE_PROMPT, "max_new_tokens": 10}
+
+
+@pytest.fixture(scope="module")
+def baselines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Server]]:
+    log_dir = tmp_path_factory.mktemp("baselines")
+    model = ensure_tiny_model()
+    servers: dict[str, Server] = {}
+    try:
+        for name, module in (
+            ("naive", "loadtest.baselines.naive"),
+            ("timer", "loadtest.baselines.timer_batcher"),
+        ):
+            servers[name] = start_baseline(
+                name, module, log_dir=log_dir, model_dir=model, engine="ctranslate2",
+                inter_threads=1, intra_threads=1,
+            )  # fmt: skip
+        for server in servers.values():
+            server.wait_ready(60)
+        yield servers
+    finally:
+        for server in servers.values():
+            server.stop()
+
+
+def test_baselines_answer_the_generate_body_like_ferry(
+    baselines: dict[str, Server], ferry: FerryProcess
+) -> None:
+    expected = httpx.post(f"{ferry.url}/generate", json=BODY, timeout=30).json()
+    assert expected["generated_tokens"] == 10
+    for name, server in baselines.items():
+        response = httpx.post(f"{server.url}/generate", json=BODY, timeout=30)
+        assert response.status_code == 200, name
+        assert response.json() == expected, name  # same engine, greedy: the same text
+        bad = httpx.post(f"{server.url}/generate", json={"text": 3}, timeout=30)
+        assert bad.status_code == 422, name
+
+
+def test_timer_batcher_batches_and_naive_does_not(baselines: dict[str, Server]) -> None:
+    async def burst(url: str) -> list[int]:
+        async with httpx.AsyncClient(timeout=30) as client:
+            responses = await asyncio.gather(*(client.post(url, json=BODY) for _ in range(6)))
+        return [r.status_code for r in responses]
+
+    for name, server in baselines.items():
+        before = httpx.get(f"{server.url}/stats").json()
+        assert asyncio.run(burst(f"{server.url}/generate")) == [200] * 6
+        after = httpx.get(f"{server.url}/stats").json()
+        assert after["requests"] - before["requests"] == 6
+        batches = after["batches"] - before["batches"]
+        if name == "naive":
+            assert batches == 6
+        else:
+            assert batches < 6  # six requests inside one 100 ms window share batches
+
+
+def test_driver_counts_every_request_the_server_answered(baselines: dict[str, Server]) -> None:
+    server = baselines["naive"]
+    before = httpx.get(f"{server.url}/stats").json()["requests"]
+    result = asyncio.run(
+        drive(
+            f"{server.url}/generate",
+            generate_body(REFERENCE_PROMPT, 4),
+            users=3,
+            duration_s=1.0,
+            warmup_s=0.3,
+        )
+    )
+    after = httpx.get(f"{server.url}/stats").json()["requests"]
+    assert result.failed == 0 and result.completed > 0
+    assert result.completed <= result.ok_total <= result.sent_total
+    # Every answered request was computed by the server; at most one per user was cut short
+    # at the end (sent, computed, but its answer not awaited).
+    assert result.ok_total <= after - before <= result.sent_total
+    assert result.sent_total - result.ok_total <= 3
+    assert 0 < result.p(50) <= result.p(99)
+    assert result.rps == pytest.approx(result.completed / result.window_s)
+
+
+def test_percentile_is_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 50) == 50.0
+    assert percentile(values, 99) == 99.0
+    assert percentile([], 50) == 0.0
+    assert percentile([7.0], 99) == 7.0
+
+
+def _histogram(sizes: list[int]) -> str:
+    edges = [1, 2, 3, 4, 5, 6, 7, 8, 16, 32, 50]
+    lines = ["# TYPE ferry_batch_size histogram"]
+    for edge in edges:
+        cum = sum(1 for n in sizes if n <= edge)
+        lines.append(f'ferry_batch_size_bucket{{le="{float(edge)}"}} {float(cum)}')
+    lines.append(f'ferry_batch_size_bucket{{le="+Inf"}} {float(len(sizes))}')
+    lines.append(f"ferry_batch_size_count {float(len(sizes))}")
+    lines.append(f"ferry_batch_size_sum {float(sum(sizes))}")
+    return "\n".join(lines) + "\n"
+
+
+def test_batch_sizes_are_rebuilt_from_the_histogram() -> None:
+    earlier = [1, 40]
+    formed = [1, 1, 3, 20, 20, 19, 39, 40, 12]
+    before = histogram_snapshot(_histogram(earlier))
+    after = histogram_snapshot(_histogram(earlier + formed))
+    sizes = batch_sizes_between(before, after)
+    assert len(sizes) == len(formed)
+    assert sum(sizes) == sum(formed)
+    assert sorted(n for n in sizes if n <= 8) == [1, 1, 3]  # exact where buckets are exact
+    assert sum(1 for n in sizes if 8 < n <= 16) == 1
+    assert sum(1 for n in sizes if 16 < n <= 32) == 3
+    assert sum(1 for n in sizes if 32 < n <= 50) == 2
+
+
+def test_simulated_ceiling_is_the_latency_formula() -> None:
+    latency = LatencyModel()
+    ceiling = simulated_ceiling([40] * 10, max_new_tokens=10, latency=latency)
+    assert ceiling["rps"] == pytest.approx(40 / latency.batch_seconds(40, 10))
+    assert 1800 < ceiling["rps"] < 2000  # WORKLOAD.md: about 1,900 requests/s
+
+
+def test_capacity_advice_from_a_sweep() -> None:
+    sweep = [
+        {"users": 1, "rps": 7.0, "p99_s": 0.15},
+        {"users": 8, "rps": 60.0, "p99_s": 0.2},
+        {"users": 32, "rps": 130.0, "p99_s": 0.3},
+        {"users": 40, "rps": 138.0, "p99_s": 0.35},
+        {"users": 64, "rps": 140.0, "p99_s": 0.55},
+        {"users": 128, "rps": 141.0, "p99_s": 1.1},
+    ]
+    advice = report.capacity_advice(sweep)
+    assert advice is not None
+    assert advice["knee_users"] == 32  # first point at >= 90 % of the best throughput
+    assert advice["container_concurrency"] == 64  # p99 within 2x the knee's
+    text = report.capacity_yaml(advice, "a test")
+    assert "target: 32" in text and "containerConcurrency: 64" in text and 'threshold: "32"' in text
+
+
+def test_locustfile_user_classes_are_locust_users() -> None:
+    code = (
+        "import json, locust, loadtest.locustfile as m\n"
+        "print(json.dumps({c.__name__: issubclass(c, locust.User) for c in m.USER_CLASSES}))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    classes = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(classes) == {
+        "GenerateUser", "MixedGenerateUser", "V1User", "V2RestUser", "V2GrpcUser",
+        "OpenAICompletionsUser",
+    }  # fmt: skip
+    assert all(classes.values())
+
+
+def test_locust_headless_run_against_ferry_has_no_failures(
+    ferry: FerryProcess, tmp_path: Path
+) -> None:
+    prefix = tmp_path / "locust"
+    locust = Path(sys.executable).parent / "locust"
+    argv = [
+        str(locust), "-f", str(ROOT / "loadtest" / "locustfile.py"),
+        "GenerateUser", "V1User", "V2RestUser", "V2GrpcUser",
+        "--headless", "--host", ferry.url, "--grpc-target", ferry.grpc_target,
+        "-u", "4", "-r", "4", "-t", "3s", "--stop-timeout", "5",
+        "--csv", str(prefix), "--html", f"{prefix}.html", "--only-summary",
+        "--max-new-tokens", "4",
+    ]  # fmt: skip
+    run = subprocess.run(
+        argv,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    with Path(f"{prefix}_stats.csv").open() as f:
+        rows = {r["Name"]: r for r in csv.DictReader(f)}
+    total = rows["Aggregated"]
+    assert int(total["Request Count"]) > 0
+    assert int(total["Failure Count"]) == 0
+    assert "ModelInfer" in rows  # the gRPC user really ran
+    assert Path(f"{prefix}.html").is_file()
