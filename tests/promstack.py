@@ -44,7 +44,7 @@ PROMETHEUS_LIFETIME_S = 300  # `timeout` kills it even if the test process dies
 
 # The ferry the observability tests run: simulated engine (no weights), small batches and a
 # small queue so that a short, bounded load fills batches, queues, and overflows the queue.
-FERRY_SETTINGS: dict[str, object] = {
+FERRY_SETTINGS: dict[str, Any] = {
     "engine": "simulated",
     "max_batch_size": 8,
     "max_queue_size": 24,
@@ -144,7 +144,7 @@ class Prometheus:
         self.log_path = log_path
         self.client = httpx.Client(base_url=url, timeout=10)
 
-    def api(self, path: str, **params: object) -> Any:
+    def api(self, path: str, **params: str | float) -> Any:
         response = self.client.get(f"/api/v1/{path}", params=params)
         body = response.json()
         if body.get("status") != "success":
@@ -152,7 +152,7 @@ class Prometheus:
         return body["data"]
 
     def query(self, expr: str, at: float | None = None) -> list[dict[str, Any]]:
-        params: dict[str, object] = {"query": expr}
+        params: dict[str, str | float] = {"query": expr}
         if at is not None:
             params["time"] = f"{at:.3f}"
         data = self.api("query", **params)
