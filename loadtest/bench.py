@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import os
 import platform
@@ -41,7 +42,15 @@ from loadtest.ceiling import (
     metric_value,
     simulated_ceiling,
 )
-from loadtest.driver import GENERATOR_NAME, DriveResult, drive, generate_body, install_fast_loop
+from loadtest.driver import (
+    GENERATOR_NAME,
+    BodyFactory,
+    DriveResult,
+    drive,
+    generate_body,
+    install_fast_loop,
+    mixed_generate_body,
+)
 from loadtest.procs import ROOT, Server, http_get, start_baseline, start_ferry
 from predictor.engine import LatencyModel
 
@@ -71,8 +80,10 @@ class BenchConfig:
     prompt: str = REFERENCE_PROMPT
     max_new_tokens: int = 10
     servers: list[str] = field(default_factory=lambda: ["ferry", "naive", "timer", "ferry-sim"])
+    wait_variant_s: float = 0.02  # "ferry-wait": FERRY_MAX_BATCH_WAIT_S, at 1 and 40 users
     protocols: bool = False  # also V1 and V2 REST at the reference concurrency
     locust: bool = False  # also the write-up's own tool against ferry at the reference
+    mixed: bool = False  # also 80 % 10-token / 20 % 100-token requests (ferry and timer batcher)
 
     def repetitions(self, users: int) -> int:
         return self.reps if users == self.reference_users else 1
@@ -113,7 +124,7 @@ def measure(
     label: str,
     users: int,
     path: str = "/generate",
-    body: bytes | None = None,
+    body: BodyFactory | bytes | None = None,
     metrics_path: str | None = None,
     stats_path: str | None = None,
 ) -> tuple[dict[str, Any], Snapshots]:
@@ -166,6 +177,8 @@ def ferry_batches(row: dict[str, Any], snaps: Snapshots) -> list[int]:
     before, after = snaps.metrics
     sizes = batch_sizes_between(histogram_snapshot(before), histogram_snapshot(after))
     row["batches"] = len(sizes)
+    counts = collections.Counter(sizes)
+    row["batch_size_counts"] = {str(n): counts[n] for n in sorted(counts)}
     row["mean_batch_size"] = sum(sizes) / len(sizes) if sizes else 0.0
     engine_s = metric_value(after, "ferry_batch_duration_seconds_sum") - metric_value(
         before, "ferry_batch_duration_seconds_sum"
@@ -222,25 +235,33 @@ def run_ceiling(
 # ---- each server ------------------------------------------------------------------------
 
 
-def bench_ferry(cfg: BenchConfig, log_dir: Path, results: dict[str, Any]) -> None:
+def bench_ferry(
+    cfg: BenchConfig,
+    log_dir: Path,
+    results: dict[str, Any],
+    *,
+    label: str = "ferry",
+    wait_s: float | None = None,
+    levels: list[int] | None = None,
+    extras: bool = True,
+) -> None:
+    wait_s = cfg.ferry_wait_s if wait_s is None else wait_s
     settings = {
         "model_dir": cfg.model_dir,
         "inter_threads": cfg.inter_threads,
         "intra_threads": cfg.intra_threads,
         "compute_type": cfg.compute_type,
         "max_batch_size": cfg.max_batch_size,
-        "max_batch_wait_s": cfg.ferry_wait_s,
+        "max_batch_wait_s": wait_s,
         "max_queue_size": 1024,
     }
-    server = start_ferry("ferry", log_dir=log_dir, settings=settings)
+    server = start_ferry(label, log_dir=log_dir, settings=settings)
     try:
         server.wait_ready()
         slots = cfg.inter_threads
-        for users in cfg.levels:
+        for users in levels or cfg.levels:
             for rep in range(cfg.repetitions(users)):
-                row, snaps = measure(
-                    cfg, server, label="ferry", users=users, metrics_path="/metrics"
-                )
+                row, snaps = measure(cfg, server, label=label, users=users, metrics_path="/metrics")
                 row["rep"] = rep
                 sizes = ferry_batches(row, snaps)
                 if sizes:
@@ -257,8 +278,9 @@ def bench_ferry(cfg: BenchConfig, log_dir: Path, results: dict[str, Any]) -> Non
                         f" per batch vs ferry's {row['ferry_mean_batch_seconds']:.3f} s)"
                         f"  ferry/ceiling {report.ratio(row['rps'], ceiling['rps']):.2f}"
                     )
-                results["sweep"]["ferry"].append(row)
-        if cfg.protocols:
+                    log(f"{'':10s} batch sizes formed (size: count): {row['batch_size_counts']}")
+                results["sweep"].setdefault(label, []).append(row)
+        if cfg.protocols and extras:
             name = "opt-125m"
             v1 = json.dumps(
                 {"instances": [{"text": cfg.prompt, "max_new_tokens": cfg.max_new_tokens}]}
@@ -272,21 +294,28 @@ def bench_ferry(cfg: BenchConfig, log_dir: Path, results: dict[str, Any]) -> Non
                     ]
                 }
             ).encode()  # fmt: skip
-            for label, path, body in (
+            for protocol_label, path, body in (
                 ("ferry-v1", f"/v1/models/{name}:predict", v1),
                 ("ferry-v2", f"/v2/models/{name}/infer", v2),
             ):
                 row, snaps = measure(
-                    cfg, server, label=label, users=cfg.reference_users, path=path, body=body,
+                    cfg,
+                    server,
+                    label=protocol_label,
+                    users=cfg.reference_users,
+                    path=path,
+                    body=body,
                     metrics_path="/metrics",
-                )  # fmt: skip
+                )
                 ferry_batches(row, snaps)
                 results["extra"].append(row)
-        if cfg.locust:
+        if cfg.mixed and extras:
+            results["extra"].append(measure_mixed(cfg, server, "ferry-mixed", "/metrics"))
+        if cfg.locust and extras:
             results["extra"].append(run_locust(cfg, server, log_dir))
     finally:
-        server.stop()
-        log(f"ferry stopped (log: {server.log_path})")
+        server.stop(timeout_s=15)
+        log(f"{label} stopped (log: {server.log_path})")
 
 
 def bench_sim(cfg: BenchConfig, log_dir: Path, results: dict[str, Any]) -> None:
@@ -319,7 +348,7 @@ def bench_sim(cfg: BenchConfig, log_dir: Path, results: dict[str, Any]) -> None:
                     row["ceiling_rps"] = ceiling["rps"]
                 results["sweep"]["ferry-sim"].append(row)
     finally:
-        server.stop()
+        server.stop(timeout_s=15)
         log("ferry-sim stopped")
 
 
@@ -349,9 +378,30 @@ def bench_baseline(cfg: BenchConfig, name: str, log_dir: Path, results: dict[str
                 if name == "naive":
                     row["mean_batch_size"] = 1.0
                 results["sweep"][name].append(row)
+        if cfg.mixed and name == "timer":
+            results["extra"].append(measure_mixed(cfg, server, "timer-mixed", None))
     finally:
-        server.stop()
+        server.stop(timeout_s=3)  # uvicorn would finish every queued request first
         log(f"{name} stopped")
+
+
+def measure_mixed(
+    cfg: BenchConfig, server: Server, label: str, metrics_path: str | None
+) -> dict[str, Any]:
+    """The mixed scenario: 80 % of requests want 10 new tokens, 20 % want 100."""
+    body = mixed_generate_body(cfg.prompt, cfg.max_new_tokens, 100, 0.2)
+    row, snaps = measure(
+        cfg,
+        server,
+        label=label,
+        users=cfg.reference_users,
+        body=body,
+        metrics_path=metrics_path,
+        stats_path=None if metrics_path else "/stats",
+    )
+    if metrics_path:
+        ferry_batches(row, snaps)
+    return row
 
 
 def run_locust(cfg: BenchConfig, server: Server, log_dir: Path) -> dict[str, Any]:
@@ -577,7 +627,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
         "generator": GENERATOR_NAME,
         "machine": machine(),
-        "sweep": {name: [] for name in cfg.servers},
+        "sweep": {name: [] for name in cfg.servers if name != "ferry-wait"},
         "extra": [],
     }
     runners: dict[str, Callable[[], None]] = {
@@ -585,7 +635,11 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
         "naive": lambda: bench_baseline(cfg, "naive", log_dir, results),
         "timer": lambda: bench_baseline(cfg, "timer", log_dir, results),
         "ferry-sim": lambda: bench_sim(cfg, log_dir, results),
-    }
+        "ferry-wait": lambda: bench_ferry(
+            cfg, log_dir, results, label="ferry-wait", wait_s=cfg.wait_variant_s,
+            levels=sorted({1, cfg.reference_users}), extras=False,
+        ),
+    }  # fmt: skip
     try:
         for name in cfg.servers:
             log(f"--- {name} ---")
@@ -606,10 +660,8 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
         if len(cfg.levels) > 2:
             from loadtest.plots import plot_sweep
 
-            title = (
-                f"ferry vs baselines, OPT-125m-shaped int8, {os.cpu_count()} CPUs"
-                f" ({GENERATOR_NAME})"
-            )
+            title = f"ferry vs baselines, OPT-125m-shaped int8, {os.cpu_count()} CPUs"
+            title += f" ({GENERATOR_NAME})"
             results["plots"] = [str(p) for p in plot_sweep(results["sweep"], cfg.plots_dir, title)]
         write_outputs(cfg, results)
     print()
@@ -627,7 +679,12 @@ def config_from_args(argv: list[str] | None = None) -> BenchConfig:
     parser.add_argument("--out-dir", type=Path, default=Path("bench-results"))
     parser.add_argument("--plots-dir", type=Path, default=None, help="default: docs/ in full mode")
     parser.add_argument("--levels", default=None, help="comma-separated users, e.g. 1,8,40")
-    parser.add_argument("--servers", default="ferry,naive,timer,ferry-sim")
+    parser.add_argument(
+        "--servers",
+        default=None,
+        help="default: ferry,naive,timer,ferry-sim (+ ferry-wait in full mode)",
+    )
+    parser.add_argument("--wait-variant", type=float, default=0.02, help="ferry-wait's wait, s")
     parser.add_argument("--warmup", type=float, default=None, help="seconds (at least)")
     parser.add_argument("--measure", type=float, default=None, help="measurement window, seconds")
     parser.add_argument("--reps", type=int, default=None, help="runs at the reference concurrency")
@@ -639,6 +696,8 @@ def config_from_args(argv: list[str] | None = None) -> BenchConfig:
     parser.add_argument("--max-new-tokens", type=int, default=10)
     args = parser.parse_args(argv)
     full = args.mode == "full"
+    default_servers = "ferry,naive,timer,ferry-sim" + (",ferry-wait" if full else "")
+    servers = [s for s in (args.servers or default_servers).split(",") if s]
     levels = (
         [int(x) for x in args.levels.split(",")]
         if args.levels
@@ -660,9 +719,11 @@ def config_from_args(argv: list[str] | None = None) -> BenchConfig:
         ferry_wait_s=args.ferry_wait,
         prompt=args.prompt,
         max_new_tokens=args.max_new_tokens,
-        servers=[s for s in args.servers.split(",") if s],
+        servers=servers,
+        wait_variant_s=args.wait_variant,
         protocols=full,
         locust=full,
+        mixed=full,
     )
 
 
