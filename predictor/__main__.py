@@ -20,9 +20,7 @@ def main(argv: list[str] | None = None) -> None:
     add_cli_flags(parser)
     args = parser.parse_args(argv)
     settings = settings_from_args(args)
-    model = FerryModel(settings)
-    model.load()  # ModelServer does not call load()
-    server = FerryModelServer(
+    server = FerryModelServer(  # first: it configures logging
         settings,
         http_port=args.http_port,
         grpc_port=args.grpc_port,
@@ -31,6 +29,8 @@ def main(argv: list[str] | None = None) -> None:
         enable_grpc=args.enable_grpc,
         event_loop=args.event_loop,
     )
+    model = FerryModel(settings)
+    model.load()  # ModelServer does not call load()
     server.start([model])
 
 

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -78,6 +79,7 @@ class Ticket:
     first_token_at: float | None = None
     dispatched_at: float = 0.0
     finished: bool = False  # the caller has its answer (or error); counted out of in-flight
+    enough: bool = False  # the caller stopped reading on purpose (a stop string), not a cancel
 
 
 @dataclass
@@ -226,7 +228,7 @@ class Batcher:
             self._abandon(ticket)
             raise
 
-    async def stream(self, ticket: Ticket) -> AsyncIterator[str]:
+    async def stream(self, ticket: Ticket) -> AsyncGenerator[str, None]:
         """Yields token strings as the engine produces them; raises like `result` at the end."""
         assert ticket.stream is not None, "submit with stream=True"
         loop = asyncio.get_running_loop()
@@ -245,20 +247,24 @@ class Batcher:
                 yield token
             await ticket.future  # re-raise an engine failure
         except (asyncio.CancelledError, GeneratorExit):
-            metrics.CANCELLED.labels("running" if ticket.running else "queued").inc()
+            if not ticket.enough:
+                metrics.CANCELLED.labels("running" if ticket.running else "queued").inc()
             self._abandon(ticket)
             raise
         finally:
             self._finish(ticket)
 
+    def stop_early(self, ticket: Ticket) -> None:
+        """The caller has what it wants (e.g. a stop string): stop computing, count no cancel."""
+        ticket.enough = True
+        self._abandon(ticket)
+
     def _abandon(self, ticket: Ticket) -> None:
         """The client is gone or out of time: never compute it, or stop its sequence."""
         ticket.cancelled = True
         if not ticket.running:
-            try:
+            with contextlib.suppress(ValueError):  # already taken or failed
                 self._queue.remove(ticket)
-            except ValueError:
-                pass
             metrics.QUEUE_DEPTH.set(len(self._queue))
 
     def _finish(self, ticket: Ticket) -> None:
@@ -306,10 +312,8 @@ class Batcher:
         loop = asyncio.get_running_loop()
         wait = oldest + self.max_batch_wait_s - loop.time()
         if wait > 0:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._full.wait(), wait)
-            except TimeoutError:
-                pass
 
     def _take_batch(self) -> list[Ticket]:
         """Up to max_batch_size live requests sharing the head's sampling settings."""

@@ -8,6 +8,7 @@ long ones is answered early.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -30,6 +31,8 @@ class Sampling:
     temperature: float = 1.0
     top_k: int = 1
     top_p: float = 1.0
+    # CTranslate2 4.8 has no per-call seed (set_random_seed is process-wide and read once per
+    # worker thread), so a seed is accepted by the OpenAI route but cannot be honoured per request.
     seed: int | None = None
 
     @property
@@ -199,8 +202,6 @@ class CTranslate2Engine:
                 sampling_topp=sampling.top_p,
                 sampling_temperature=sampling.temperature,
             )
-            if sampling.seed is not None:
-                kwargs["random_seed"] = sampling.seed
 
         def on_step(step: Any) -> bool:
             return tracker.step(step.batch_id, step.token)
@@ -240,10 +241,17 @@ class SimulatedEngine:
     where the engine is no longer the bottleneck."""
 
     def __init__(
-        self, *, name: str, latency: LatencyModel | None = None, concurrency: int = 1
+        self,
+        *,
+        name: str,
+        latency: LatencyModel | None = None,
+        concurrency: int = 1,
+        fail_every: int = 0,
     ) -> None:
         self.latency = latency or LatencyModel()
         self.concurrency = concurrency
+        self.fail_every = fail_every  # fault injection for reliability tests: every Nth batch raises
+        self._calls = itertools.count(1)
         self.tokenizer = shared_tokenizer()
         self.info = ModelInfo(name=name, kind="simulated", device="simulated", compute_type="none")
         self._slots = threading.Semaphore(concurrency)  # like CUDA streams: extra calls wait
@@ -261,8 +269,11 @@ class SimulatedEngine:
         self, items: Sequence[EngineItem], sampling: Sampling, listener: GenerationListener
     ) -> None:
         tracker = _SequenceTracker(items, listener, self.tokenizer)
+        call = next(self._calls)
         with self._slots:
             _sleep(self.latency.prefill_s)
+            if self.fail_every and call % self.fail_every == 0:
+                raise RuntimeError(f"injected fault in simulated batch {call}")
             active = list(range(len(items)))
             step = 0
             while active:

@@ -182,11 +182,23 @@ class BoundGRPCServer(GRPCServer):
         await self._server.wait_for_termination()
 
 
+def _log_like_kserve() -> None:
+    """ferry.* loggers write through KServe's configured handlers, in its format."""
+    ferry_logger = logging.getLogger("ferry")
+    kserve_logger = logging.getLogger("kserve")
+    if kserve_logger.handlers and not ferry_logger.handlers:
+        for handler in kserve_logger.handlers:
+            ferry_logger.addHandler(handler)
+        ferry_logger.setLevel(logging.INFO)
+        ferry_logger.propagate = False
+
+
 class FerryModelServer(kserve.ModelServer):
     def __init__(self, settings: Settings, **kwargs: Any) -> None:
         kwargs.setdefault("enable_latency_logging", settings.access_log)
         kwargs.setdefault("grace_period", max(1, math.ceil(settings.drain_grace_s)))
         super().__init__(**kwargs)
+        _log_like_kserve()
         self.settings = settings
         self._draining: asyncio.Task[None] | None = None
         if not settings.access_log:
@@ -194,7 +206,7 @@ class FerryModelServer(kserve.ModelServer):
             logging.getLogger("uvicorn.access").disabled = True
             logging.getLogger("kserve.trace").disabled = True
 
-    def start(self, models: list[kserve.Model]) -> None:  # type: ignore[override]
+    def start(self, models: list[kserve.Model]) -> None:
         if self.workers != 1:
             raise SystemExit(
                 "ferry runs one ModelServer worker per pod (the engine and batcher live in the "
@@ -203,7 +215,7 @@ class FerryModelServer(kserve.ModelServer):
         ferry_models = [m for m in models if isinstance(m, FerryModel)]
         for model in ferry_models:
             register_routes(kserve_app, model)
-        self._register_and_check_atleast_one_model_is_ready(models)  # type: ignore[arg-type]
+        self._register_and_check_atleast_one_model_is_ready(models)
         rest = RESTServer(
             "kserve.model_server:app",
             self.dataplane,
@@ -226,7 +238,7 @@ class FerryModelServer(kserve.ModelServer):
             loop = asyncio.get_running_loop()
             loop.call_soon_threadsafe(self._start_drain, ferry_models, sig, frame, exit_now)
 
-        uvicorn_server.handle_exit = on_signal  # type: ignore[method-assign]
+        uvicorn_server.handle_exit = on_signal
         self._rest_server = rest
         self.servers.append(rest.start())
         if self.enable_grpc:

@@ -70,6 +70,7 @@ class Settings(BaseSettings):
     sim_step_s: float = Field(0.0015, ge=0, description="simulated cost per decoding step")
     sim_step_per_seq_s: float = Field(0.00001, ge=0, description="simulated cost per step per sequence")
     sim_concurrency: int = Field(1, ge=1, le=64, description="simulated batches that can run at once")
+    sim_fail_every: int = Field(0, ge=0, description="fault injection: every Nth simulated batch raises; 0 = never")
 
     @model_validator(mode="after")
     def _check_relations(self) -> Settings:

@@ -78,7 +78,8 @@ def start_ferry(
     log_path = tmp_dir / f"ferry-{http_port}.log"
     log_file = log_path.open("wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", "predictor", "--http_port", str(http_port), "--grpc_port", str(grpc_port), *(args or [])],
+        [sys.executable, "-m", "predictor", "--http_port", str(http_port), "--grpc_port", str(grpc_port)]
+        + (args or []),
         cwd=ROOT,
         env=env,
         stdout=log_file,
@@ -125,3 +126,27 @@ def ferry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FerryProcess]:
     yield server
     server.process.kill()
     server.process.wait()
+
+
+def scrape(ferry: FerryProcess) -> dict[str, float]:
+    """ferry's /metrics as {'name{label="v",...}': value} (labels sorted)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(httpx.get(f"{ferry.url}/metrics", timeout=10).text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            values[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return values
+
+
+def wait_for_metric(ferry: FerryProcess, key: str, predicate: Callable[[float], bool], timeout: float = 30) -> float:
+    """Polls /metrics until `predicate(value)` holds (another process's state: nothing to await)."""
+    deadline = time.monotonic() + timeout
+    value = float("nan")
+    while time.monotonic() < deadline:
+        value = scrape(ferry).get(key, float("nan"))
+        if predicate(value):
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"{key} never satisfied the condition (last value {value})")

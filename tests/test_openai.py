@@ -357,12 +357,15 @@ def test_disconnect_mid_stream_stops_the_sequence(slow_ferry: FerryProcess) -> N
 
     batches = "ferry_batch_duration_seconds_count"
     wait_metric(slow_ferry, batches, lambda v: v >= before[batches] + 1)
+    outcome = 'ferry_requests_total{outcome="cancelled",protocol="openai"}'
+    # The handler learns of the disconnect on its own schedule: wait for its record, not the batch's.
+    wait_metric(slow_ferry, outcome, lambda v: v >= before.get(outcome, 0) + 1)
+    wait_metric(slow_ferry, "ferry_requests_in_flight", lambda v: v == 0)
     after = metrics_of(slow_ferry)
     generated = after["ferry_generated_tokens_total"] - before["ferry_generated_tokens_total"]
     assert 1 <= generated < LONG, f"{generated} tokens generated for a client that left after one"
     key = 'ferry_requests_cancelled_total{stage="running"}'
     assert after[key] == before[key] + 1
-    outcome = 'ferry_requests_total{outcome="cancelled",protocol="openai"}'
     assert after[outcome] == before.get(outcome, 0) + 1
     assert after["ferry_requests_in_flight"] == 0
 

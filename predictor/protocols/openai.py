@@ -25,10 +25,10 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from fastapi import FastAPI, Request
@@ -376,12 +376,13 @@ class Completion:
         self._started[index] = True
         choice = self.choices[index]
         # Batcher.stream is an async generator: closing it early abandons the ticket.
-        stream = cast(AsyncGenerator[str, None], self.batcher.stream(ticket))
+        stream = self.batcher.stream(ticket)
         try:
             async with contextlib.aclosing(stream):  # leaving early abandons the ticket
                 async for token in stream:
                     delta = assembler.push(token)
                     if assembler.stopped:
+                        self.batcher.stop_early(ticket)
                         break
                     if delta:
                         self.events.put_nowait(_Event(index, delta))
