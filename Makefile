@@ -57,7 +57,7 @@ test: system-deps $(VENV)/.stamp-dev models
 	$(PY) -m pytest -q
 
 lint: $(VENV)/.stamp-dev
-	$(VENV)/bin/ruff check predictor loadtest tests
+	$(VENV)/bin/ruff check predictor loadtest tests tools deploy
 	$(VENV)/bin/mypy
 
 clean:

@@ -81,6 +81,6 @@ def test_alert_is_documented_and_reads_recording_rules(alert: Rule) -> None:
 
 
 def test_every_alert_has_a_runbook_section() -> None:
-    docs = (ROOT / "docs" / "observability.md").read_text()
+    docs = (ROOT / "README.md").read_text()
     headings = set(re.findall(r"^#+ Runbook: (\w+)", docs, flags=re.M))
     assert headings == EXPECTED_ALERTS

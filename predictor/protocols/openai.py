@@ -234,7 +234,7 @@ class CompletionRequest(BaseModel):
     def sampling(self) -> Sampling:
         """temperature 0 (or top_k 1) is greedy, which every greedy request shares a batch with.
         Otherwise sample: OpenAI's defaults temperature 1 and top_p 1, top_k unlimited unless
-        given. `seed` is accepted but not part of the settings (see docs/openai.md)."""
+        given. `seed` is accepted but not part of the settings (see README.md, "OpenAI-compatible API")."""
         temperature = 1.0 if self.temperature is None else self.temperature
         top_k = 0 if self.top_k in (None, -1) else self.top_k
         if temperature == 0 or top_k == 1:
