@@ -139,6 +139,8 @@ def measure(
             max_warmup_s=cfg.max_warmup_s,
             on_measure_start=snaps.take,
             on_measure_end=snaps.take,
+            min_cycles=3.0,
+            max_duration_s=2 * cfg.measure_s,
         )
     )
     cpu = snaps.cpu[1] - snaps.cpu[0]
@@ -185,6 +187,12 @@ def ferry_batches(row: dict[str, Any], snaps: Snapshots) -> list[int]:
     )
     row["ferry_mean_batch_seconds"] = engine_s / len(sizes) if sizes else 0.0
     return sizes
+
+
+def even_split(users: int, slots: int, max_batch_size: int) -> list[int]:
+    """`users` requests split as evenly as possible over `slots` batches (each <= max)."""
+    parts = max(min(slots, users), -(-users // max_batch_size))
+    return [users // parts + (1 if i < users % parts else 0) for i in range(parts)]
 
 
 def run_ceiling(
@@ -279,6 +287,17 @@ def bench_ferry(
                         f"  ferry/ceiling {report.ratio(row['rps'], ceiling['rps']):.2f}"
                     )
                     log(f"{'':10s} batch sizes formed (size: count): {row['batch_size_counts']}")
+                if users == cfg.reference_users and rep == 0 and label == "ferry":
+                    # For the diagnosis of batch forming: the engine's limit if every burst of
+                    # `users` requests were split evenly over the slots (e.g. 2 x 20).
+                    even = even_split(users, slots, cfg.max_batch_size)
+                    ideal = run_ceiling(cfg, even * 200, min(slots, users), single_runs=1)
+                    row["even_split_ceiling_rps"] = ideal["rps"]
+                    log(
+                        f"{'ceiling':10s} users={users:<4d} {ideal['rps']:8.1f} req/s with even"
+                        f" batches {even} (what ferry's batches cost vs the ideal split:"
+                        f" {report.ratio(row['ceiling_rps'], ideal['rps']):.2f})"
+                    )
                 results["sweep"].setdefault(label, []).append(row)
         if cfg.protocols and extras:
             name = "opt-125m"
@@ -483,6 +502,12 @@ def summarize(cfg: BenchConfig, results: dict[str, Any]) -> dict[str, Any]:
         s["ferry_over_ceiling"] = report.median_of(
             [report.ratio(r["rps"], r["ceiling_rps"]) for r in ferry_ref if r.get("ceiling_rps")]
         )
+    even = [r["even_split_ceiling_rps"] for r in ferry_ref if r.get("even_split_ceiling_rps")]
+    if even:
+        s["even_split_ceiling_rps"] = even[0]
+        s["ferry_over_even_split_ceiling"] = report.ratio(
+            report.median_row(ferry_ref)["rps"], even[0]
+        )
     for other in ("naive", "timer"):
         f, o = med("ferry", ref), med(other, ref)
         if f and o:
@@ -523,6 +548,12 @@ def verdicts(cfg: BenchConfig, s: dict[str, Any]) -> list[str]:
     if "ferry_over_ceiling" in s:
         v = s["ferry_over_ceiling"]
         lines.append(line(v >= 0.9, f"ferry / engine ceiling at {ref} users = {v:.2f} (>= 0.9)"))
+    if "ferry_over_even_split_ceiling" in s:
+        v = s["ferry_over_even_split_ceiling"]
+        lines.append(
+            f"info  ferry / engine ceiling with evenly split batches = {v:.2f}"
+            f" ({s['even_split_ceiling_rps']:.1f} req/s; how much batch forming leaves unused)"
+        )
     if "ferry_p50_over_engine_single" in s:
         v = s["ferry_p50_over_engine_single"]
         ferry_ms, engine_ms = s["ferry_p50_1_user_s"] * 1000, s["engine_single_latency_s"] * 1000

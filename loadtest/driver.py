@@ -90,6 +90,8 @@ class _Run:
         self.sent = 0
         self.ok = 0
         self.answered_users: set[int] = set()
+        self.began = time.perf_counter()
+        self.first_cycle_s = 0.0  # until every user had its first answer
         self.errors: dict[str, int] = {}
 
     def error(self, kind: str) -> None:
@@ -109,8 +111,15 @@ async def drive(
     on_measure_start: Hook | None = None,
     on_measure_end: Hook | None = None,
     headers: dict[str, str] | None = None,
+    min_cycles: float = 0.0,
+    max_duration_s: float | None = None,
 ) -> DriveResult:
-    """Runs `users` closed-loop users against `url` (POST) and measures one window."""
+    """Runs `users` closed-loop users against `url` (POST) and measures one window.
+
+    With `min_cycles`, the window lasts at least that many warm-up cycles (the time every user
+    took to get its first answer), up to `max_duration_s`: a slow server at high concurrency
+    answers in large bursts, and a window of only one or two bursts miscounts its rate.
+    """
     make_body = _constant(body) if isinstance(body, bytes) else body
     run = _Run()
     all_headers = {"Content-Type": "application/json", **(headers or {})}
@@ -136,7 +145,10 @@ async def drive(
                 latency = time.perf_counter() - started
                 if ok:
                     run.ok += 1
-                    run.answered_users.add(index)
+                    if index not in run.answered_users:
+                        run.answered_users.add(index)
+                        if len(run.answered_users) == users:
+                            run.first_cycle_s = time.perf_counter() - run.began
                 if run.measuring:
                     if ok:
                         run.latencies.append(latency)
@@ -147,19 +159,22 @@ async def drive(
                     run.error("warm-up " + kind)
                     await asyncio.sleep(0.05)  # a server still starting: don't spin
 
+        run.began = time.perf_counter()
         tasks = [asyncio.create_task(user(i)) for i in range(users)]
         try:
-            began = time.perf_counter()
+            began = run.began
             await asyncio.sleep(warmup_s)
             while len(run.answered_users) < users and time.perf_counter() - began < max_warmup_s:
                 await asyncio.sleep(0.05)
             warmed = time.perf_counter() - began
+            cycle = run.first_cycle_s or warmed
+            window = max(duration_s, min(min_cycles * cycle, max_duration_s or duration_s))
             if on_measure_start is not None:
                 await on_measure_start()
             cpu0 = time.process_time()
             t0 = time.perf_counter()
             run.measuring = True
-            await asyncio.sleep(duration_s)
+            await asyncio.sleep(window)
             run.measuring = False
             t1 = time.perf_counter()
             cpu1 = time.process_time()

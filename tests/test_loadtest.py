@@ -211,3 +211,12 @@ def test_locust_headless_run_against_ferry_has_no_failures(
     assert int(total["Failure Count"]) == 0
     assert "ModelInfer" in rows  # the gRPC user really ran
     assert Path(f"{prefix}.html").is_file()
+
+
+def test_even_split_spreads_a_burst_over_the_slots() -> None:
+    from loadtest.bench import even_split
+
+    assert even_split(40, 2, 50) == [20, 20]
+    assert even_split(1, 2, 50) == [1]
+    assert even_split(7, 2, 50) == [4, 3]
+    assert even_split(128, 2, 50) == [43, 43, 42]  # no batch above max_batch_size
