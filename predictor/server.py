@@ -182,6 +182,31 @@ class BoundGRPCServer(GRPCServer):
         await self._server.wait_for_termination()
 
 
+def _retry_after_on_uvicorn_503(retry_after_s: int) -> None:
+    """uvicorn's own 503 (limit_concurrency) carries no Retry-After; ferry's overload answers do."""
+    from uvicorn.protocols.http import h11_impl, httptools_impl
+
+    body = orjson.dumps({"error": "server overloaded: too many open connections"})
+
+    async def service_unavailable(scope: Scope, receive: Receive, send: Send) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 503,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"retry-after", str(retry_after_s).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    for module in (h11_impl, httptools_impl):
+        module.service_unavailable = service_unavailable  # type: ignore[attr-defined]
+
+
 def _log_like_kserve() -> None:
     """ferry.* loggers write through KServe's configured handlers, in its format."""
     ferry_logger = logging.getLogger("ferry")
@@ -228,6 +253,10 @@ class FerryModelServer(kserve.ModelServer):
             timeout_keep_alive=self.timeout_keep_alive,
         )
         rest.config.host = self.settings.host
+        # Past this many connections or requests uvicorn answers 503 without calling the app:
+        # under overload the excess never queues in the parser where no deadline applies.
+        rest.config.limit_concurrency = self.settings.max_connections
+        _retry_after_on_uvicorn_503(self.settings.retry_after_s)
         uvicorn_server = rest._server
         exit_now = uvicorn_server.handle_exit
 

@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(30.0, gt=0, le=3600, description="default per-request deadline")
     max_request_timeout_s: float = Field(120.0, gt=0, le=3600, description="largest deadline a client may ask")
     retry_after_s: int = Field(1, ge=1, le=3600, description="Retry-After sent with 503")
+    max_connections: int = Field(
+        1024, ge=16, le=1_000_000, description="open HTTP connections/requests before uvicorn answers 503 unparsed"
+    )
 
     # --- server -----------------------------------------------------------------------
     host: str = Field("0.0.0.0", description="address the REST and gRPC servers bind")

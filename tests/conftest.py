@@ -21,9 +21,19 @@ REFERENCE_PROMPT = "Hello World, what is your name dog?"
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free ports: all sockets are held open together, so none is handed out twice."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def ensure_tiny_model() -> Path:
@@ -64,7 +74,7 @@ def start_ferry(
     tmp_dir: Path, *, model_name: str = "opt-125m", args: list[str] | None = None, **settings: object
 ) -> FerryProcess:
     """Starts `python -m predictor` with FERRY_* settings and waits until the model is ready."""
-    http_port, grpc_port = free_port(), free_port()
+    http_port, grpc_port = free_ports(2)
     env = dict(os.environ)
     env.update(
         {
@@ -93,7 +103,7 @@ def start_ferry(
         try:
             if httpx.get(f"{ferry.url}/v2/models/{model_name}/ready", timeout=1).status_code == 200:
                 return ferry
-        except httpx.TransportError:
+        except (httpx.TransportError, httpx.RemoteProtocolError):
             pass
         time.sleep(0.1)  # polling another process's readiness: there is no event to wait on
     process.kill()

@@ -42,7 +42,9 @@ generate_bodies = merged(
     maybe("junk", json_values),
 ) | json_values
 
-v1_instances = prompts | merged(maybe("text", prompts | json_scalars), maybe("max_new_tokens", token_counts)) | json_values
+v1_instances = (
+    prompts | merged(maybe("text", prompts | json_scalars), maybe("max_new_tokens", token_counts)) | json_values
+)
 v1_bodies = merged(
     maybe("instances", st.lists(v1_instances, max_size=70) | json_values),
     maybe("parameters", merged(maybe("max_new_tokens", token_counts), maybe("timeout_s", timeouts)) | json_values),

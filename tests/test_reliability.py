@@ -50,6 +50,25 @@ def test_full_queue_answers_503_with_retry_after_at_once(ferry_factory: FerryFac
         assert result["value"].status_code == 200  # type: ignore[union-attr]
 
 
+def test_connections_over_the_limit_get_503_with_retry_after_unparsed(ferry_factory: FerryFactory) -> None:
+    ferry = ferry_factory(**SLOW, max_connections=16, retry_after_s=2)
+
+    async def many() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=40)) as client:
+            return await asyncio.gather(
+                *(client.post(f"{ferry.url}/generate", json={"text": "x", "max_new_tokens": 1}) for _ in range(40))
+            )
+
+    responses = asyncio.run(many())
+    statuses = sorted({r.status_code for r in responses})
+    assert statuses == [200, 503]
+    refused = [r for r in responses if r.status_code == 503]
+    assert all(r.headers["retry-after"] == "2" and "too many open connections" in r.text for r in refused)
+    # uvicorn refused them before the app: ferry never admitted or counted them.
+    admitted = sum(1 for r in responses if r.status_code == 200)
+    assert scrape(ferry)['ferry_requests_total{outcome="ok",protocol="generate"}'] == admitted
+
+
 def test_deadline_in_queue_and_while_running_answer_504(ferry_factory: FerryFactory) -> None:
     ferry = ferry_factory(**SLOW, max_batch_size=1)
     # Alone, with a deadline shorter than the batch: it passes while running.
