@@ -15,7 +15,8 @@ measured `reps` times and reported as the median. Everything runs on 127.0.0.1 i
 that are stopped at the end, whatever happens. Results: bench-results/bench-<mode>.{json,md};
 plots: docs/ (full mode) or bench-results/ (quick mode).
 
-Quick mode takes about 2.5 minutes; full mode about 15 (see --help for the knobs).
+Quick mode takes about 2.5 minutes; full mode 15-20 (bounded: every warm-up, window and
+ceiling replay has a cap; see --help for the knobs).
 """
 
 from __future__ import annotations
@@ -140,7 +141,7 @@ def measure(
             on_measure_start=snaps.take,
             on_measure_end=snaps.take,
             min_cycles=3.0,
-            max_duration_s=2 * cfg.measure_s,
+            max_duration_s=1.5 * cfg.measure_s,
         )
     )
     cpu = snaps.cpu[1] - snaps.cpu[0]
@@ -196,8 +197,9 @@ def even_split(users: int, slots: int, max_batch_size: int) -> list[int]:
 
 
 def run_ceiling(
-    cfg: BenchConfig, sizes: list[int], concurrency: int, single_runs: int
+    cfg: BenchConfig, sizes: list[int], concurrency: int, single_runs: int, users: int
 ) -> dict[str, Any]:
+    """The ceiling subprocess; `users` bounds the requests in flight, as it bounded the server."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(sizes, f)
         sizes_file = f.name
@@ -227,6 +229,8 @@ def run_ceiling(
                 str(cfg.measure_s),
                 "--single-runs",
                 str(single_runs),
+                "--max-in-flight",
+                str(users),
             ],
             cwd=ROOT,
             capture_output=True,
@@ -274,7 +278,11 @@ def bench_ferry(
                 sizes = ferry_batches(row, snaps)
                 if sizes:
                     ceiling = run_ceiling(
-                        cfg, sizes, min(slots, users), single_runs=9 if users == 1 else 3
+                        cfg,
+                        sizes,
+                        min(slots, users),
+                        single_runs=9 if users == 1 else 3,
+                        users=users,
                     )
                     row["ceiling"] = ceiling
                     row["ceiling_rps"] = ceiling["rps"]
@@ -291,7 +299,9 @@ def bench_ferry(
                     # For the diagnosis of batch forming: the engine's limit if every burst of
                     # `users` requests were split evenly over the slots (e.g. 2 x 20).
                     even = even_split(users, slots, cfg.max_batch_size)
-                    ideal = run_ceiling(cfg, even * 200, min(slots, users), single_runs=1)
+                    ideal = run_ceiling(
+                        cfg, even * 200, min(slots, users), single_runs=1, users=users
+                    )
                     row["even_split_ceiling_rps"] = ideal["rps"]
                     log(
                         f"{'ceiling':10s} users={users:<4d} {ideal['rps']:8.1f} req/s with even"
@@ -741,7 +751,7 @@ def config_from_args(argv: list[str] | None = None) -> BenchConfig:
         warmup_s=args.warmup if args.warmup is not None else (3.0 if full else 2.0),
         measure_s=args.measure if args.measure is not None else (10.0 if full else 6.0),
         reps=args.reps if args.reps is not None else (3 if full else 1),
-        max_warmup_s=30.0 if full else 12.0,
+        max_warmup_s=25.0 if full else 12.0,
         out_dir=args.out_dir,
         plots_dir=args.plots_dir or (Path("docs") if full else args.out_dir),
         inter_threads=args.inter_threads,

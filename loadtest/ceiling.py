@@ -130,7 +130,11 @@ def ctranslate2_ceiling(
     time_cap_s: float = 10.0,
     single_runs: int = 7,
     seed: int = 0,
+    max_in_flight: int | None = None,
 ) -> dict[str, Any]:
+    """Replays `sizes` with `concurrency` calls at once. `max_in_flight` (the server's closed-loop
+    users) bounds the requests in flight across those calls, as it bounded the server: 40 users
+    batched as one 40 leave the second slot idle, and no replay may fill it."""
     import ctranslate2
 
     device = resolve_device("auto")
@@ -168,24 +172,36 @@ def ctranslate2_ceiling(
 
     order = list(sizes)
     random.Random(seed).shuffle(order)  # a prefix (when the time cap cuts it) is a fair sample
-    lock = threading.Lock()
+    lock = threading.Condition()
     done: list[tuple[int, float]] = []
     position = 0
+    in_flight = 0
+    limit = max_in_flight or sum(order) or 1
     started = time.perf_counter()
     cap = started + time_cap_s
 
     def worker() -> None:
-        nonlocal position
+        nonlocal position, in_flight
         while True:
             with lock:
+                while (
+                    position < len(order)
+                    and in_flight > 0
+                    and in_flight + min(order[position], limit) > limit
+                ):
+                    lock.wait()  # the population is busy: as in the server, wait for answers
                 if position >= len(order) or time.perf_counter() >= cap:
+                    lock.notify_all()
                     return
                 n = order[position]
                 position += 1
+                in_flight += n
             t0 = time.perf_counter()
             run(n)
             with lock:
                 done.append((n, time.perf_counter() - t0))
+                in_flight -= n
+                lock.notify_all()
 
     cpu0 = time.process_time()
     workers = [threading.Thread(target=worker) for _ in range(concurrency)]
@@ -204,6 +220,7 @@ def ctranslate2_ceiling(
         "inter_threads": inter_threads,
         "intra_threads": intra_threads,
         "concurrency": concurrency,
+        "max_in_flight": max_in_flight,
         "batches": len(done),
         "batches_given": len(order),
         "requests": requests,
@@ -256,6 +273,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--intra-threads", type=int, default=0)
     parser.add_argument("--compute-type", default="auto")
     parser.add_argument("--time-cap", type=float, default=10.0)
+    parser.add_argument(
+        "--max-in-flight", type=int, default=0, help="requests in flight at most (the users)"
+    )
     parser.add_argument("--single-runs", type=int, default=7)
     args = parser.parse_args(argv)
     if args.sizes.startswith("@"):
@@ -275,6 +295,7 @@ def main(argv: list[str] | None = None) -> None:
         compute_type=args.compute_type,
         time_cap_s=args.time_cap,
         single_runs=args.single_runs,
+        max_in_flight=args.max_in_flight or None,
     )
     print(json.dumps(result))
 

@@ -1,6 +1,6 @@
 # Benchmark and load-test targets (included by the main Makefile). All loopback-only, bounded.
 #   make bench-quick   ferry vs engine ceiling, naive, timer batcher, simulated GPU: 1 and 40 users (~2.5 min)
-#   make bench         the same at 1..128 users, 3 runs at 40, V1/V2 and locust rows, plots in docs/ (~15 min)
+#   make bench         the same at 1..128 users, 3 runs at 40, V1/V2, mixed and locust rows, plots in docs/ (15-20 min)
 #   make loadtest      locust, headless, against a running ferry (FERRY_URL), CSV + HTML in bench-results/
 BENCH_ARGS ?=
 FERRY_URL ?= http://127.0.0.1:$(HTTP_PORT)
