@@ -41,7 +41,7 @@ from loadtest.ceiling import (
     batch_sizes_between,
     histogram_snapshot,
     metric_value,
-    simulated_ceiling,
+    simulated_engine_ceiling,
 )
 from loadtest.driver import (
     GENERATOR_NAME,
@@ -370,8 +370,14 @@ def bench_sim(cfg: BenchConfig, log_dir: Path, results: dict[str, Any]) -> None:
                 row["rep"] = rep
                 sizes = ferry_batches(row, snaps)
                 if sizes:
-                    ceiling = simulated_ceiling(
-                        sizes, max_new_tokens=cfg.max_new_tokens, latency=latency, concurrency=1
+                    ceiling = simulated_engine_ceiling(
+                        sizes,
+                        prompt=cfg.prompt,
+                        max_new_tokens=cfg.max_new_tokens,
+                        latency=latency,
+                        concurrency=1,
+                        max_in_flight=users,
+                        time_cap_s=min(cfg.measure_s, 4.0),
                     )
                     row["ceiling"] = ceiling
                     row["ceiling_rps"] = ceiling["rps"]

@@ -256,6 +256,93 @@ def simulated_ceiling(
     }
 
 
+class _Discard:
+    """A GenerationListener that keeps nothing (the replay only needs the engine's time)."""
+
+    def on_token(self, index: int, token: str) -> bool:
+        return False
+
+    def on_done(self, index: int, output: Any) -> None:
+        pass
+
+
+def simulated_engine_ceiling(
+    sizes: Sequence[int],
+    *,
+    prompt: str,
+    max_new_tokens: int,
+    latency: LatencyModel,
+    concurrency: int = 1,
+    max_in_flight: int | None = None,
+    time_cap_s: float = 3.0,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """SimulatedEngine itself, called back to back with these batches (its sleeps overshoot the
+    formula a little, and no server can avoid that), plus the formula's own figure."""
+    from predictor.engine import GREEDY, EngineItem, SimulatedEngine
+
+    engine = SimulatedEngine(name="ceiling", latency=latency, concurrency=concurrency)
+    tokens = shared_tokenizer().encode(prompt)
+    order = list(sizes)
+    random.Random(seed).shuffle(order)
+    lock = threading.Condition()
+    done: list[tuple[int, float]] = []
+    position = 0
+    in_flight = 0
+    limit = max_in_flight or sum(order) or 1
+    started = time.perf_counter()
+    cap = started + time_cap_s
+
+    def worker() -> None:
+        nonlocal position, in_flight
+        while True:
+            with lock:
+                while (
+                    position < len(order)
+                    and in_flight > 0
+                    and in_flight + min(order[position], limit) > limit
+                ):
+                    lock.wait()
+                if position >= len(order) or time.perf_counter() >= cap:
+                    lock.notify_all()
+                    return
+                n = order[position]
+                position += 1
+                in_flight += n
+            t0 = time.perf_counter()
+            engine.generate([EngineItem(tokens, max_new_tokens)] * n, GREEDY, _Discard())
+            with lock:
+                done.append((n, time.perf_counter() - t0))
+                in_flight -= n
+                lock.notify_all()
+
+    workers = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    wall = time.perf_counter() - started
+    requests = sum(n for n, _ in done)
+    formula = simulated_ceiling(
+        sizes, max_new_tokens=max_new_tokens, latency=latency, concurrency=concurrency
+    )
+    ones = [seconds for n, seconds in done if n == 1]
+    return {
+        "engine": "simulated",
+        "concurrency": concurrency,
+        "max_in_flight": max_in_flight,
+        "batches": len(done),
+        "batches_given": len(order),
+        "requests": requests,
+        "wall_s": wall,
+        "rps": requests / wall if wall > 0 else 0.0,
+        "formula_rps": formula["rps"],
+        "mean_batch_size": requests / len(done) if done else 0.0,
+        "mean_batch_seconds": statistics.fmean(s for _, s in done) if done else 0.0,
+        "single_latency_s": statistics.median(ones) if ones else formula["single_latency_s"],
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

@@ -103,6 +103,10 @@ def fmt_ms(seconds: float) -> str:
     return f"{seconds * 1000:.0f}"
 
 
+def _cell(row: Row, key: str, fmt: str) -> str:
+    return fmt.format(row[key]) if row.get(key) is not None else "-"
+
+
 def markdown_table(rows: Sequence[Row]) -> str:
     header = (
         "| server | req/s | p50 ms | p95 ms | p99 ms | mean batch | CPU s/req | peak RSS MB |"
@@ -117,10 +121,10 @@ def markdown_table(rows: Sequence[Row]) -> str:
         lines.append(
             f"| {SERVER_TITLES.get(r['server'], r['server'])} | {r['rps']:.1f}"
             f" | {fmt_ms(r['p50_s'])} | {fmt_ms(r['p95_s'])} | {fmt_ms(r['p99_s'])}"
-            f" | {r.get('mean_batch_size', 0.0):.1f}"
-            f" | {r.get('cpu_s_per_request', 0.0):.4f}"
+            f" | {_cell(r, 'mean_batch_size', '{:.1f}')}"
+            f" | {_cell(r, 'cpu_s_per_request', '{:.4f}')}"
             f" | {r.get('peak_rss_bytes', 0) / 2**20:.0f}"
-            f" | {r.get('client_cpu_share', 0.0):.0%} ({r.get('generator', 'aiohttp')})"
+            f" | {_cell(r, 'client_cpu_share', '{:.0%}')} ({r.get('generator', 'aiohttp')})"
             f" | {ceiling_cell} | {ratio_cell} |"
         )
     return "\n".join(lines)
