@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from kserve.model_server import parser as kserve_parser
 
@@ -19,6 +20,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     add_cli_flags(parser)
     args = parser.parse_args(argv)
+    # Engine threads hand tokens back through Python callbacks; with the default 5 ms switch
+    # interval they wait behind a busy event loop for the GIL, stretching every batch (measured
+    # +20 % req/s on SimulatedEngine at 40 users with 0.5 ms).
+    sys.setswitchinterval(0.0005)
     settings = settings_from_args(args)
     server = FerryModelServer(  # first: it configures logging
         settings,

@@ -15,6 +15,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import math
 import time
 from collections.abc import AsyncGenerator, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -134,6 +135,44 @@ def _fail(ticket: Ticket, error: BaseException) -> None:
         ticket.stream.put_nowait(None)
 
 
+class GatherPolicy:
+    """Decides, when a slot frees, whether to wait briefly for more requests.
+
+    Closed-loop clients send their next request as soon as their answer arrives, so a batch's
+    answers come back as a burst; dispatching the burst's first arrival alone would split every
+    later batch in two (1 + 39, then 20 + 20). So: `demand` is the peak number of requests in
+    flight between dispatches (halved each dispatch when traffic falls); the target is demand
+    minus what the other slots are running. A window opens only when the queue holds under 3/4
+    of the target (waiting w <= T/4 then helps the latecomers more than it costs the queued) and
+    lasts at most a quarter of the measured batch time, capped by max_batch_wait_s. At idle the
+    target is the lone request itself: no wait, no timer.
+    """
+
+    def __init__(self, max_wait_s: float, max_batch_size: int) -> None:
+        self.max_wait_s = max_wait_s
+        self.max_batch_size = max_batch_size
+        self.demand = 0.0
+        self.peak = 0
+        self.batch_seconds = 0.0  # EWMA of engine time per batch
+
+    def observe_in_flight(self, in_flight: int) -> None:
+        self.peak = max(self.peak, in_flight)
+
+    def observe_batch(self, seconds: float) -> None:
+        self.batch_seconds = seconds if self.batch_seconds == 0 else 0.8 * self.batch_seconds + 0.2 * seconds
+
+    def plan(self, queued: int, running: int, in_flight: int, free_slots: int) -> tuple[int, float]:
+        """(target batch size, seconds to wait for it); 0 seconds = dispatch now."""
+        self.demand = max(float(self.peak), 0.5 * self.demand)
+        self.peak = in_flight
+        # Several free slots share the expected demand: two batches of 20 beat one of 40 and an
+        # idle slot.
+        target = min(self.max_batch_size, math.ceil((self.demand - running) / max(free_slots, 1)))
+        if self.max_wait_s <= 0 or queued >= 0.75 * target:
+            return target, 0.0
+        return target, min(self.max_wait_s, 0.25 * self.batch_seconds)
+
+
 class Batcher:
     def __init__(
         self,
@@ -141,7 +180,7 @@ class Batcher:
         *,
         max_batch_size: int = 50,
         max_queue_size: int = 512,
-        max_batch_wait_s: float = 0.0,
+        max_batch_wait_s: float = 0.05,
         slots: int = 0,
         executor: Executor | None = None,
     ) -> None:
@@ -155,7 +194,10 @@ class Batcher:
         self._queue: collections.deque[Ticket] = collections.deque()
         self._busy = 0
         self._wake = asyncio.Event()
-        self._full = asyncio.Event()
+        self._policy = GatherPolicy(max_batch_wait_s, max_batch_size)
+        self._enough = asyncio.Event()  # the queue reached the gathering target
+        self._gather_target = max_batch_size + 1  # no gathering in progress
+        self._running_requests = 0
         self._idle = asyncio.Event()
         self._idle.set()
         self._stopping = False
@@ -196,13 +238,14 @@ class Batcher:
         )
         self._queue.append(ticket)
         self._in_flight += 1
+        self._policy.observe_in_flight(self._in_flight)
         self._idle.clear()
         metrics.IN_FLIGHT.inc()
         metrics.QUEUE_DEPTH.set(len(self._queue))
         if self._busy < self.slots:
             self._wake.set()
-        if len(self._queue) >= self.max_batch_size:
-            self._full.set()
+        if len(self._queue) >= self._gather_target:
+            self._enough.set()
         return ticket
 
     async def generate(self, request: GenerationRequest) -> EngineOutput:
@@ -296,27 +339,30 @@ class Batcher:
     async def _consume(self) -> None:
         while not self._stopping:
             if self._busy < self.slots and self._queue:
-                if self.max_batch_wait_s > 0 and len(self._queue) < self.max_batch_size:
-                    await self._gather()
-                batch = self._take_batch()
+                free = self.slots - self._busy
+                target, window = self._policy.plan(len(self._queue), self._running_requests, self._in_flight, free)
+                if window > 0:
+                    await self._gather(target, window)
+                batch = self._take_batch(limit=max(target, 1) if free > 1 else self.max_batch_size)
                 if batch:
                     self._dispatch(batch)
                 continue
             self._wake.clear()
             await self._wake.wait()
 
-    async def _gather(self) -> None:
-        """Optional: let a partial batch grow for at most max_batch_wait_s."""
-        self._full.clear()
-        oldest = self._queue[0].deadline - self._queue[0].request.timeout_s
-        loop = asyncio.get_running_loop()
-        wait = oldest + self.max_batch_wait_s - loop.time()
-        if wait > 0:
+    async def _gather(self, target: int, window_s: float) -> None:
+        """Waits at most window_s for the queue to reach target (see GatherPolicy)."""
+        self._gather_target = target
+        self._enough.clear()
+        try:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._full.wait(), wait)
+                await asyncio.wait_for(self._enough.wait(), window_s)
+        finally:
+            self._gather_target = self.max_batch_size + 1
 
-    def _take_batch(self) -> list[Ticket]:
-        """Up to max_batch_size live requests sharing the head's sampling settings."""
+    def _take_batch(self, limit: int | None = None) -> list[Ticket]:
+        """Up to `limit` (max_batch_size) live requests sharing the head's sampling settings."""
+        limit = min(limit or self.max_batch_size, self.max_batch_size)
         loop = asyncio.get_running_loop()
         now = loop.time()
         head_sampling: Sampling | None = None
@@ -333,9 +379,9 @@ class Batcher:
                 continue
             if head_sampling is None:
                 head_sampling = ticket.request.sampling
-            if len(taken) < self.max_batch_size and ticket.request.sampling == head_sampling:
+            if len(taken) < limit and ticket.request.sampling == head_sampling:
                 taken.append(ticket)
-                if len(taken) == self.max_batch_size and head_sampling == GREEDY and not kept:
+                if len(taken) == limit and head_sampling == GREEDY and not kept:
                     break  # common case: no need to scan the rest
             else:
                 kept.append(ticket)
@@ -346,6 +392,7 @@ class Batcher:
 
     def _dispatch(self, batch: list[Ticket]) -> None:
         self._busy += 1
+        self._running_requests += len(batch)
         metrics.SLOTS_BUSY.set(self._busy)
         task = asyncio.create_task(self._run_batch(batch))
         self._running_batches.add(task)
@@ -362,7 +409,7 @@ class Batcher:
         self.stats.requests += len(batch)
         self.stats.recent_batch_sizes.append(len(batch))
         self._batch_size_metric.observe(len(batch))
-        items = [EngineItem(t.request.prompt_tokens, t.request.max_new_tokens) for t in batch]
+        items = [EngineItem(t.request.prompt_tokens, t.request.max_new_tokens, t.request.stream) for t in batch]
         listener = _BatchListener(loop, batch)
         try:
             await loop.run_in_executor(
@@ -388,7 +435,10 @@ class Batcher:
             metrics.GENERATED_TOKENS.inc(generated)
             metrics.BATCH_TOKENS.observe(generated)
         finally:
-            metrics.ENGINE_SECONDS.observe(time.monotonic() - started)
+            elapsed = time.monotonic() - started
+            metrics.ENGINE_SECONDS.observe(elapsed)
+            self._policy.observe_batch(elapsed)
+            self._running_requests -= len(batch)
             self._busy -= 1
             metrics.SLOTS_BUSY.set(self._busy)
             self._wake.set()

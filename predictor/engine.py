@@ -47,6 +47,7 @@ GREEDY = Sampling()
 class EngineItem:
     prompt_tokens: list[str]
     max_new_tokens: int
+    stream: bool = False  # its tokens are wanted as they come
 
 
 @dataclass
@@ -206,17 +207,26 @@ class CTranslate2Engine:
         def on_step(step: Any) -> bool:
             return tracker.step(step.batch_id, step.token)
 
+        # The per-step callback is what answers short requests early, streams tokens and stops
+        # abandoned sequences; each call takes the GIL from the engine thread, which waits behind
+        # a busy event loop. A batch of equal lengths with no stream runs without it.
+        per_step = any(item.stream or item.max_new_tokens != longest for item in items)
         # min_length = max_length: exactly the requested count (EOS cannot end it early);
         # shorter sequences are stopped through the callback when their own count is reached.
-        self._generator.generate_batch(
+        results = self._generator.generate_batch(
             [item.prompt_tokens for item in items],
             max_length=longest,
             min_length=longest,
             include_prompt_in_result=False,
             beam_size=1,
-            callback=on_step,
+            callback=on_step if per_step else None,
             **kwargs,
         )
+        if not per_step:
+            for index, result in enumerate(results):
+                for token in result.sequences[0]:
+                    if tracker.step(index, token):
+                        break
         tracker.finish_all()
 
     def close(self) -> None:

@@ -43,7 +43,10 @@ class Settings(BaseSettings):
     # --- batcher ----------------------------------------------------------------------
     max_batch_size: int = Field(50, ge=1, le=1024, description="most requests in one engine call")
     max_batch_wait_s: float = Field(
-        0.0, ge=0.0, le=1.0, description="most time a partial batch may wait to grow; 0 = dispatch at once"
+        0.05,
+        ge=0.0,
+        le=1.0,
+        description="cap on the adaptive gathering window (zero at idle, never a fixed timer); 0 = never wait",
     )
     slots: int = Field(0, ge=0, le=64, description="engine calls in flight; 0 = the engine's concurrency")
     max_queue_size: int = Field(512, ge=1, le=100_000, description="waiting requests before 503")

@@ -10,6 +10,7 @@ import pytest
 
 from predictor.batcher import (
     Batcher,
+    GatherPolicy,
     DeadlineExceeded,
     Draining,
     EngineFailed,
@@ -252,18 +253,49 @@ async def test_stop_ends_the_consumer_cleanly_and_fails_queued_with_503(
     await first
 
 
-async def test_max_batch_wait_lets_a_partial_batch_grow() -> None:
+def test_gather_policy_never_waits_at_idle_and_waits_for_a_burst() -> None:
+    policy = GatherPolicy(max_wait_s=0.05, max_batch_size=50)
+    policy.observe_batch(0.1)
+    policy.observe_in_flight(1)
+    assert policy.plan(queued=1, running=0, in_flight=1, free_slots=1) == (1, 0.0)  # a lone user
+    policy.observe_in_flight(40)  # 40 closed-loop users: their answers went out as a burst
+    assert policy.plan(queued=1, running=0, in_flight=1, free_slots=1) == (40, 0.025)  # T/4
+    policy.observe_in_flight(40)
+    assert policy.plan(queued=1, running=0, in_flight=1, free_slots=2) == (20, 0.025)  # two slots share
+    policy.observe_in_flight(40)
+    assert policy.plan(queued=1, running=20, in_flight=21, free_slots=1) == (20, 0.025)
+    policy.observe_in_flight(40)
+    assert policy.plan(queued=31, running=0, in_flight=31, free_slots=1)[1] == 0.0  # 3/4 there: go
+    # Traffic falls to one user: the remembered demand halves each dispatch.
+    targets = [policy.plan(queued=1, running=0, in_flight=1, free_slots=1)[0] for _ in range(6)]
+    assert targets == [31, 16, 8, 4, 2, 1]  # 31 were in flight at the last busy dispatch
+    assert GatherPolicy(max_wait_s=0.0, max_batch_size=50).plan(1, 0, 40, 1)[1] == 0.0
+
+
+async def test_a_returning_burst_is_gathered_into_one_batch() -> None:
     engine = GatedEngine()
-    engine.auto_release = True
-    batcher = Batcher(engine, max_batch_size=3, max_batch_wait_s=WAIT_S)
+    batcher = Batcher(engine, max_batch_size=8, max_batch_wait_s=WAIT_S)
+    batcher._policy.batch_seconds = 4 * WAIT_S  # a slow engine: the window is the WAIT_S cap
     consumer = asyncio.create_task(batcher.run())
-    tasks = [asyncio.create_task(batcher.generate(req(f"w{i}"))) for i in range(2)]
+    first = asyncio.create_task(batcher.generate(req("first")))
+    (call0,) = await asyncio.to_thread(engine.wait_for_calls, 1)
+    users = [asyncio.create_task(batcher.generate(req(f"u{i}"))) for i in range(3)]
     await asyncio.sleep(0)
+    call0.release.set()
+    await first
+    _, call1 = await asyncio.to_thread(engine.wait_for_calls, 2)
+    assert call1.sizes == 3  # 3 of 4 in flight were waiting: no reason to wait
+    again = asyncio.create_task(batcher.generate(req("again")))  # `first` comes back at once
     await asyncio.sleep(0)
-    assert engine.calls == [], "a partial batch waits for the window"
-    tasks.append(asyncio.create_task(batcher.generate(req("w2"))))
-    await asyncio.gather(*tasks)  # the third arrival filled the batch: no need to wait out WAIT_S
-    assert [c.sizes for c in engine.calls] == [3]
+    call1.release.set()
+    await asyncio.gather(*users)
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert len(engine.calls) == 2 and batcher.queue_depth == 1, "the lone returner waits for the burst"
+    engine.auto_release = True
+    burst = [asyncio.create_task(batcher.generate(req(f"b{i}"))) for i in range(3)]
+    await asyncio.gather(again, *burst)  # the burst completed the target: no need to wait out the window
+    assert [c.sizes for c in engine.calls] == [1, 3, 4]
     batcher.stop()
     await consumer
     batcher.close()

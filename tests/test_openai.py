@@ -345,7 +345,25 @@ def slow_ferry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FerryProces
 LONG = 2000
 
 
-def test_disconnect_mid_stream_stops_the_sequence(slow_ferry: FerryProcess) -> None:
+@pytest.fixture(scope="module")
+def steady_ferry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FerryProcess]:
+    """A simulated engine at 5 ms per token: 2,000 tokens take 10 s, so a client that leaves
+    after the first chunk leaves long before its sequence could finish on its own."""
+    server = start_ferry(
+        tmp_path_factory.mktemp("openai-steady"),
+        engine="simulated",
+        sim_prefill_s=0,
+        sim_step_s=0.005,
+        sim_step_per_seq_s=0,
+        max_new_tokens_limit=2048,
+    )
+    yield server
+    server.process.kill()
+    server.process.wait()
+
+
+def test_disconnect_mid_stream_stops_the_sequence(steady_ferry: FerryProcess) -> None:
+    slow_ferry = steady_ferry
     client = client_for(slow_ferry)
     before = metrics_of(slow_ferry)
     stream = client.completions.create(
