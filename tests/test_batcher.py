@@ -10,10 +10,10 @@ import pytest
 
 from predictor.batcher import (
     Batcher,
-    GatherPolicy,
     DeadlineExceeded,
     Draining,
     EngineFailed,
+    GatherPolicy,
     GenerationRequest,
     QueueFull,
 )
