@@ -21,9 +21,21 @@ HOST = "127.0.0.1"
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free loopback ports: all held open at once, so none is handed out twice."""
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            sock.bind((HOST, 0))
+            sockets.append(sock)
+        return [int(sock.getsockname()[1]) for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
@@ -138,7 +150,7 @@ def start_ferry(
     name: str, *, log_dir: Path, settings: dict[str, object], model_name: str = "opt-125m"
 ) -> Server:
     """`python -m predictor` on 127.0.0.1 with FERRY_* settings (engine, threads, batcher)."""
-    http_port, grpc_port = free_port(), free_port()
+    http_port, grpc_port = free_ports(2)
     env = {"FERRY_HOST": HOST, "FERRY_MODEL_NAME": model_name, "FERRY_ACCESS_LOG": "false"}
     env.update({f"FERRY_{key.upper()}": str(value) for key, value in settings.items()})
     server = start_server(

@@ -33,7 +33,6 @@ import platform
 import random
 import re
 import signal
-import socket
 import statistics
 import sys
 import time
@@ -46,7 +45,7 @@ import aiohttp
 import psutil
 
 from loadtest.driver import drive, generate_body, install_fast_loop, percentile
-from loadtest.procs import HOST, Server, http_get, start_server
+from loadtest.procs import HOST, Server, free_ports, http_get, start_server
 
 REFERENCE_PROMPT = "Hello World, what is your name dog?"
 MODEL_NAME = "opt-125m"
@@ -172,21 +171,6 @@ class Options:
 
 
 # ---- server helpers ---------------------------------------------------------------------------
-
-
-def free_ports(count: int) -> list[int]:
-    """`count` distinct free loopback ports: all held open at once, so none is handed out twice
-    (picking them one after another, as procs.free_port does, can return the same port twice)."""
-    sockets: list[socket.socket] = []
-    try:
-        for _ in range(count):
-            sock = socket.socket()
-            sock.bind((HOST, 0))
-            sockets.append(sock)
-        return [int(sock.getsockname()[1]) for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def start_ferry_server(name: str, log_dir: Path, settings: dict[str, object]) -> Server:
