@@ -54,11 +54,15 @@ from loadtest.driver import (
 )
 from loadtest.procs import ROOT, Server, http_get, start_baseline, start_ferry
 from predictor.engine import LatencyModel
+from predictor.settings import Settings
 
 REFERENCE_PROMPT = "Hello World, what is your name dog?"
 FULL_LEVELS = [1, 2, 4, 8, 16, 32, 40, 64, 128]
 QUICK_LEVELS = [1, 40]
 SIM_TARGET_RPS = 404.0  # the write-up's Rust server
+
+
+DEFAULT_GATHER_CAP_S = float(Settings.model_fields["max_batch_wait_s"].default)
 
 
 @dataclass
@@ -76,12 +80,12 @@ class BenchConfig:
     intra_threads: int = 1
     compute_type: str = "auto"
     max_batch_size: int = 50
-    ferry_wait_s: float = 0.0
+    ferry_wait_s: float = DEFAULT_GATHER_CAP_S  # ferry as shipped: adaptive gathering on
     reference_users: int = 40
     prompt: str = REFERENCE_PROMPT
     max_new_tokens: int = 10
     servers: list[str] = field(default_factory=lambda: ["ferry", "naive", "timer", "ferry-sim"])
-    wait_variant_s: float = 0.02  # "ferry-wait": FERRY_MAX_BATCH_WAIT_S, at 1 and 40 users
+    wait_variant_s: float = 0.0  # "ferry-no-gather": FERRY_MAX_BATCH_WAIT_S=0, at 1 and 40 users
     protocols: bool = False  # also V1 and V2 REST at the reference concurrency
     locust: bool = False  # also the write-up's own tool against ferry at the reference
     mixed: bool = False  # also 80 % 10-token / 20 % 100-token requests (ferry and timer batcher)
@@ -674,7 +678,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
         "generator": GENERATOR_NAME,
         "machine": machine(),
-        "sweep": {name: [] for name in cfg.servers if name != "ferry-wait"},
+        "sweep": {name: [] for name in cfg.servers if name != "ferry-no-gather"},
         "extra": [],
     }
     runners: dict[str, Callable[[], None]] = {
@@ -682,8 +686,8 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
         "naive": lambda: bench_baseline(cfg, "naive", log_dir, results),
         "timer": lambda: bench_baseline(cfg, "timer", log_dir, results),
         "ferry-sim": lambda: bench_sim(cfg, log_dir, results),
-        "ferry-wait": lambda: bench_ferry(
-            cfg, log_dir, results, label="ferry-wait", wait_s=cfg.wait_variant_s,
+        "ferry-no-gather": lambda: bench_ferry(
+            cfg, log_dir, results, label="ferry-no-gather", wait_s=cfg.wait_variant_s,
             levels=sorted({1, cfg.reference_users}), extras=False,
         ),
     }  # fmt: skip
@@ -729,21 +733,23 @@ def config_from_args(argv: list[str] | None = None) -> BenchConfig:
     parser.add_argument(
         "--servers",
         default=None,
-        help="default: ferry,naive,timer,ferry-sim (+ ferry-wait in full mode)",
+        help="default: ferry,naive,timer,ferry-sim (+ ferry-no-gather in full mode)",
     )
-    parser.add_argument("--wait-variant", type=float, default=0.02, help="ferry-wait's wait, s")
+    parser.add_argument("--wait-variant", type=float, default=0.0, help="ferry-no-gather's cap, s")
     parser.add_argument("--warmup", type=float, default=None, help="seconds (at least)")
     parser.add_argument("--measure", type=float, default=None, help="measurement window, seconds")
     parser.add_argument("--reps", type=int, default=None, help="runs at the reference concurrency")
     parser.add_argument("--inter-threads", type=int, default=2)
     parser.add_argument("--intra-threads", type=int, default=1)
     parser.add_argument("--compute-type", default="auto")
-    parser.add_argument("--ferry-wait", type=float, default=0.0, help="FERRY_MAX_BATCH_WAIT_S")
+    parser.add_argument(
+        "--ferry-wait", type=float, default=DEFAULT_GATHER_CAP_S, help="FERRY_MAX_BATCH_WAIT_S (gathering cap)"
+    )
     parser.add_argument("--prompt", default=REFERENCE_PROMPT)
     parser.add_argument("--max-new-tokens", type=int, default=10)
     args = parser.parse_args(argv)
     full = args.mode == "full"
-    default_servers = "ferry,naive,timer,ferry-sim" + (",ferry-wait" if full else "")
+    default_servers = "ferry,naive,timer,ferry-sim" + (",ferry-no-gather" if full else "")
     servers = [s for s in (args.servers or default_servers).split(",") if s]
     levels = (
         [int(x) for x in args.levels.split(",")]

@@ -41,7 +41,7 @@ def plot_sweep(sweep: dict[str, list[dict[str, Any]]], out_dir: Path, title: str
         fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=80)
         for server, points in sweep.items():
             if not points or server not in STYLES:
-                continue  # variants measured at two points only (ferry-wait) stay in the tables
+                continue  # variants measured at two points only (ferry-no-gather) stay in the tables
             color, marker = STYLES.get(server, ("tab:gray", "."))
             x, y = _series(points, key)
             ax.plot(x, y, marker=marker, color=color, label=SERVER_TITLES.get(server, server))

@@ -14,7 +14,7 @@ SERVER_TITLES = {
     "naive": "naive FastAPI (engine on the event loop)",
     "timer": "timer batcher (FastAPI + daemon, 50 / 100 ms)",
     "ferry-sim": "ferry + SimulatedEngine (gpu profile)",
-    "ferry-wait": "ferry, max_batch_wait_s > 0",
+    "ferry-no-gather": "ferry, gathering off (max_batch_wait_s 0)",
     "ferry-mixed": "ferry, mixed 80 % 10 / 20 % 100 tokens",
     "timer-mixed": "timer batcher, mixed 80 % 10 / 20 % 100 tokens",
     "ferry-v1": "ferry, V1 REST",
