@@ -51,6 +51,8 @@ from loadtest.driver import (
     generate_body,
     install_fast_loop,
     mixed_generate_body,
+    openai_stream_body,
+    percentile,
 )
 from loadtest.procs import ROOT, Server, http_get, start_baseline, start_ferry
 from predictor.engine import LatencyModel
@@ -89,6 +91,7 @@ class BenchConfig:
     protocols: bool = False  # also V1 and V2 REST at the reference concurrency
     locust: bool = False  # also the write-up's own tool against ferry at the reference
     mixed: bool = False  # also 80 % 10-token / 20 % 100-token requests (ferry and timer batcher)
+    streaming: bool = False  # also half streamed OpenAI completions, half /generate (ferry)
 
     def repetitions(self, users: int) -> int:
         return self.reps if users == self.reference_users else 1
@@ -132,6 +135,8 @@ def measure(
     body: BodyFactory | bytes | None = None,
     metrics_path: str | None = None,
     stats_path: str | None = None,
+    stream_path: str | None = None,
+    stream_body: bytes | None = None,
 ) -> tuple[dict[str, Any], Snapshots]:
     snaps = Snapshots(server, metrics_path, stats_path)
     result: DriveResult = asyncio.run(
@@ -146,6 +151,8 @@ def measure(
             on_measure_end=snaps.take,
             min_cycles=3.0,
             max_duration_s=1.5 * cfg.measure_s,
+            stream_url=server.url + stream_path if stream_path else None,
+            stream_body=stream_body,
         )
     )
     cpu = snaps.cpu[1] - snaps.cpu[0]
@@ -167,6 +174,10 @@ def measure(
         "client_cpu_share": result.client_cpu_share,
         "peak_rss_bytes": server.peak_rss_bytes(),
     }
+    if result.ttfts_s:
+        row["streamed"] = len(result.ttfts_s)
+        row["ttft_p50_s"] = percentile(result.ttfts_s, 50)
+        row["ttft_p99_s"] = percentile(result.ttfts_s, 99)
     if len(snaps.stats) == 2:
         batches = snaps.stats[1]["batches"] - snaps.stats[0]["batches"]
         requests = snaps.stats[1]["requests"] - snaps.stats[0]["requests"]
@@ -344,6 +355,8 @@ def bench_ferry(
                 results["extra"].append(row)
         if cfg.mixed and extras:
             results["extra"].append(measure_mixed(cfg, server, "ferry-mixed", "/metrics"))
+        if cfg.streaming and extras:
+            results["extra"].append(measure_streaming(cfg, server, slots))
         if cfg.locust and extras:
             results["extra"].append(run_locust(cfg, server, log_dir))
     finally:
@@ -422,6 +435,31 @@ def bench_baseline(cfg: BenchConfig, name: str, log_dir: Path, results: dict[str
     finally:
         server.stop(timeout_s=3)  # uvicorn would finish every queued request first
         log(f"{name} stopped")
+
+
+def measure_streaming(cfg: BenchConfig, server: Server, slots: int) -> dict[str, Any]:
+    """Half the users stream greedy OpenAI completions, half post /generate; the ceiling replays
+    the batches ferry formed, and time to first token is the streamed users' first chunk."""
+    label = "ferry-stream-mix"
+    row, snaps = measure(
+        cfg,
+        server,
+        label=label,
+        users=cfg.reference_users,
+        metrics_path="/metrics",
+        stream_path="/openai/v1/completions",
+        stream_body=openai_stream_body("opt-125m", cfg.prompt, cfg.max_new_tokens),
+    )
+    sizes = ferry_batches(row, snaps)
+    if sizes:
+        ceiling = run_ceiling(cfg, sizes, min(slots, cfg.reference_users), single_runs=1, users=cfg.reference_users)
+        row["ceiling_rps"] = ceiling["rps"]
+        log(
+            f"{'ceiling':10s} users={cfg.reference_users:<4d} {ceiling['rps']:8.1f} req/s  {label}/ceiling"
+            f" {report.ratio(row['rps'], ceiling['rps']):.2f}; TTFT p50 {row.get('ttft_p50_s', 0) * 1000:.0f} ms"
+            f" p99 {row.get('ttft_p99_s', 0) * 1000:.0f} ms over {row.get('streamed', 0)} streams"
+        )
+    return row
 
 
 def measure_mixed(
@@ -551,6 +589,11 @@ def summarize(cfg: BenchConfig, results: dict[str, Any]) -> dict[str, Any]:
         and report.ratio(r["rps"], r.get("ceiling_rps") or 0) >= 0.9
     ]
     s["sim_highest_users_at_0_9_ceiling"] = max(sim_ok) if sim_ok else None
+    for row in results["extra"]:
+        if row.get("server") == "ferry-stream-mix" and row.get("ceiling_rps"):
+            s["stream_mix_over_ceiling"] = report.ratio(row["rps"], row["ceiling_rps"])
+            s["stream_ttft_p50_s"] = row.get("ttft_p50_s", 0.0)
+            s["stream_ttft_p99_s"] = row.get("ttft_p99_s", 0.0)
     ferry_points = [m for users in cfg.levels if (m := med("ferry", users))]
     advice = report.capacity_advice(ferry_points) if len(ferry_points) >= 2 else None
     s["capacity"] = advice
@@ -604,6 +647,12 @@ def verdicts(cfg: BenchConfig, s: dict[str, Any]) -> list[str]:
         lines.append(
             "      highest swept concurrency with ferry + SimulatedEngine >= 0.9 x its ceiling: "
             f"{s['sim_highest_users_at_0_9_ceiling']}"
+        )
+    if "stream_mix_over_ceiling" in s:
+        v = s["stream_mix_over_ceiling"]
+        ttft = f"TTFT p50 {s['stream_ttft_p50_s'] * 1000:.0f} ms, p99 {s['stream_ttft_p99_s'] * 1000:.0f} ms"
+        lines.append(
+            line(v >= 0.9, f"streamed (OpenAI) + plain mix at {ref} users / ceiling = {v:.2f} (>= 0.9; {ttft})")
         )
     return lines
 
@@ -777,6 +826,7 @@ def config_from_args(argv: list[str] | None = None) -> BenchConfig:
         protocols=full,
         locust=full,
         mixed=full,
+        streaming=True,
     )
 
 

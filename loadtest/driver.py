@@ -46,6 +46,7 @@ class DriveResult:
     sent_total: int  # every request any user sent, warm-up included
     ok_total: int  # every 2xx answer, warm-up included
     latencies_s: list[float] = field(repr=False, default_factory=list)
+    ttfts_s: list[float] = field(repr=False, default_factory=list)  # streamed requests only
     client_cpu_s: float = 0.0
     errors: dict[str, int] = field(default_factory=dict)
 
@@ -64,6 +65,7 @@ class DriveResult:
     def summary(self) -> dict[str, object]:
         data = asdict(self)
         data.pop("latencies_s")
+        data.pop("ttfts_s")
         data.update(
             rps=self.rps,
             p50_s=self.p(50),
@@ -86,6 +88,7 @@ class _Run:
         self.measuring = False
         self.stopping = False
         self.latencies: list[float] = []
+        self.ttfts: list[float] = []
         self.failed = 0
         self.sent = 0
         self.ok = 0
@@ -113,8 +116,13 @@ async def drive(
     headers: dict[str, str] | None = None,
     min_cycles: float = 0.0,
     max_duration_s: float | None = None,
+    stream_url: str | None = None,
+    stream_body: bytes | None = None,
 ) -> DriveResult:
     """Runs `users` closed-loop users against `url` (POST) and measures one window.
+
+    With `stream_url` and `stream_body`, every other user streams (server-sent events) from
+    that URL instead, and the time to its first chunk is recorded as well.
 
     With `min_cycles`, the window lasts at least that many warm-up cycles (the time every user
     took to get its first answer), up to `max_duration_s`: a slow server at high concurrency
@@ -130,13 +138,21 @@ async def drive(
 
         async def user(index: int) -> None:
             rng = random.Random(seed * 100_003 + index)
+            streams = stream_url is not None and stream_body is not None and index % 2 == 1
             while not run.stopping:
-                data = make_body(rng)
+                data = stream_body if streams and stream_body is not None else make_body(rng)
+                target = stream_url if streams and stream_url is not None else url
                 started = time.perf_counter()
+                first_chunk = 0.0
                 run.sent += 1
                 try:
-                    async with session.post(url, data=data, headers=all_headers) as response:
-                        await response.read()
+                    async with session.post(target, data=data, headers=all_headers) as response:
+                        if streams:
+                            async for _chunk in response.content.iter_any():
+                                if not first_chunk:
+                                    first_chunk = time.perf_counter() - started
+                        else:
+                            await response.read()
                         ok = 200 <= response.status < 300
                         kind = f"http {response.status}"
                 except (aiohttp.ClientError, TimeoutError) as exc:
@@ -152,6 +168,8 @@ async def drive(
                 if run.measuring:
                     if ok:
                         run.latencies.append(latency)
+                        if streams:
+                            run.ttfts.append(first_chunk)
                     else:
                         run.failed += 1
                         run.error(kind)
@@ -195,6 +213,7 @@ async def drive(
         sent_total=run.sent,
         ok_total=run.ok,
         latencies_s=sorted(run.latencies),
+        ttfts_s=sorted(run.ttfts),
         client_cpu_s=cpu1 - cpu0,
         errors=run.errors,
     )
@@ -202,6 +221,12 @@ async def drive(
 
 def generate_body(prompt: str, max_new_tokens: int) -> bytes:
     return json.dumps({"text": prompt, "max_new_tokens": max_new_tokens}).encode()
+
+
+def openai_stream_body(model: str, prompt: str, max_tokens: int) -> bytes:
+    """A greedy streamed completion (temperature 0, so it shares batches with /generate)."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    return json.dumps(body).encode()
 
 
 def mixed_generate_body(
