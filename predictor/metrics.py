@@ -39,9 +39,10 @@ TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
 
 def batch_size_buckets(max_batch_size: int) -> tuple[float, ...]:
-    """Integer buckets up to the max batch size: every size up to 8, then a doubling ladder."""
-    edges = {float(n) for n in range(1, min(max_batch_size, 8) + 1)}
-    n = 16
+    """Integer buckets: every size up to 64 (so the sizes formed are known exactly, which the
+    benchmark's ceiling replays), then a doubling ladder, and the max batch size itself."""
+    edges = {float(n) for n in range(1, min(max_batch_size, 64) + 1)}
+    n = 128
     while n < max_batch_size:
         edges.add(float(n))
         n *= 2
