@@ -20,7 +20,7 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -170,46 +170,10 @@ def ctranslate2_ceiling(
         run(1)
         single.append(time.perf_counter() - started)
 
-    order = list(sizes)
-    random.Random(seed).shuffle(order)  # a prefix (when the time cap cuts it) is a fair sample
-    lock = threading.Condition()
-    done: list[tuple[int, float]] = []
-    position = 0
-    in_flight = 0
-    limit = max_in_flight or sum(order) or 1
-    started = time.perf_counter()
-    cap = started + time_cap_s
-
-    def worker() -> None:
-        nonlocal position, in_flight
-        while True:
-            with lock:
-                while (
-                    position < len(order)
-                    and in_flight > 0
-                    and in_flight + min(order[position], limit) > limit
-                ):
-                    lock.wait()  # the population is busy: as in the server, wait for answers
-                if position >= len(order) or time.perf_counter() >= cap:
-                    lock.notify_all()
-                    return
-                n = order[position]
-                position += 1
-                in_flight += n
-            t0 = time.perf_counter()
-            run(n)
-            with lock:
-                done.append((n, time.perf_counter() - t0))
-                in_flight -= n
-                lock.notify_all()
-
     cpu0 = time.process_time()
-    workers = [threading.Thread(target=worker) for _ in range(concurrency)]
-    for t in workers:
-        t.start()
-    for t in workers:
-        t.join()
-    wall = time.perf_counter() - started
+    order, done, wall = _replay(
+        sizes, run, concurrency=concurrency, max_in_flight=max_in_flight, time_cap_s=time_cap_s, seed=seed
+    )
     cpu = time.process_time() - cpu0
     requests = sum(n for n, _ in done)
     ones = [seconds for n, seconds in done if n == 1]
@@ -256,6 +220,59 @@ def simulated_ceiling(
     }
 
 
+def _replay(
+    sizes: Sequence[int],
+    run: Callable[[int], None],
+    *,
+    concurrency: int,
+    max_in_flight: int | None,
+    time_cap_s: float,
+    seed: int,
+) -> tuple[list[int], list[tuple[int, float]], float]:
+    """Calls `run(n)` for each batch size, `concurrency` at once and back to back, never with
+    more than `max_in_flight` requests out (as the server's users bound it), until the sizes or
+    the time cap run out. Returns (the shuffled order, (size, seconds) per call, wall seconds)."""
+    order = list(sizes)
+    random.Random(seed).shuffle(order)  # a prefix (when the time cap cuts it) is a fair sample
+    lock = threading.Condition()
+    done: list[tuple[int, float]] = []
+    position = 0
+    in_flight = 0
+    limit = max_in_flight or sum(order) or 1
+    started = time.perf_counter()
+    cap = started + time_cap_s
+
+    def worker() -> None:
+        nonlocal position, in_flight
+        while True:
+            with lock:
+                while (
+                    position < len(order)
+                    and in_flight > 0
+                    and in_flight + min(order[position], limit) > limit
+                ):
+                    lock.wait()  # the population is busy: as in the server, wait for answers
+                if position >= len(order) or time.perf_counter() >= cap:
+                    lock.notify_all()
+                    return
+                n = order[position]
+                position += 1
+                in_flight += n
+            t0 = time.perf_counter()
+            run(n)
+            with lock:
+                done.append((n, time.perf_counter() - t0))
+                in_flight -= n
+                lock.notify_all()
+
+    workers = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    return order, done, time.perf_counter() - started
+
+
 class _Discard:
     """A GenerationListener that keeps nothing (the replay only needs the engine's time)."""
 
@@ -283,45 +300,13 @@ def simulated_engine_ceiling(
 
     engine = SimulatedEngine(name="ceiling", latency=latency, concurrency=concurrency)
     tokens = shared_tokenizer().encode(prompt)
-    order = list(sizes)
-    random.Random(seed).shuffle(order)
-    lock = threading.Condition()
-    done: list[tuple[int, float]] = []
-    position = 0
-    in_flight = 0
-    limit = max_in_flight or sum(order) or 1
-    started = time.perf_counter()
-    cap = started + time_cap_s
 
-    def worker() -> None:
-        nonlocal position, in_flight
-        while True:
-            with lock:
-                while (
-                    position < len(order)
-                    and in_flight > 0
-                    and in_flight + min(order[position], limit) > limit
-                ):
-                    lock.wait()
-                if position >= len(order) or time.perf_counter() >= cap:
-                    lock.notify_all()
-                    return
-                n = order[position]
-                position += 1
-                in_flight += n
-            t0 = time.perf_counter()
-            engine.generate([EngineItem(tokens, max_new_tokens)] * n, GREEDY, _Discard())
-            with lock:
-                done.append((n, time.perf_counter() - t0))
-                in_flight -= n
-                lock.notify_all()
+    def run(n: int) -> None:
+        engine.generate([EngineItem(tokens, max_new_tokens)] * n, GREEDY, _Discard())
 
-    workers = [threading.Thread(target=worker) for _ in range(concurrency)]
-    for t in workers:
-        t.start()
-    for t in workers:
-        t.join()
-    wall = time.perf_counter() - started
+    order, done, wall = _replay(
+        sizes, run, concurrency=concurrency, max_in_flight=max_in_flight, time_cap_s=time_cap_s, seed=seed
+    )
     requests = sum(n for n, _ in done)
     formula = simulated_ceiling(
         sizes, max_new_tokens=max_new_tokens, latency=latency, concurrency=concurrency

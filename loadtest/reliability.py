@@ -45,7 +45,7 @@ import aiohttp
 import psutil
 
 from loadtest.driver import drive, generate_body, install_fast_loop, percentile
-from loadtest.procs import HOST, Server, free_ports, http_get, start_server
+from loadtest.procs import Server, http_get, start_ferry
 
 REFERENCE_PROMPT = "Hello World, what is your name dog?"
 MODEL_NAME = "opt-125m"
@@ -174,18 +174,8 @@ class Options:
 
 
 def start_ferry_server(name: str, log_dir: Path, settings: dict[str, object]) -> Server:
-    """`python -m predictor` on 127.0.0.1 with FERRY_* settings (like procs.start_ferry)."""
-    http_port, grpc_port = free_ports(2)
-    env = {"FERRY_HOST": HOST, "FERRY_MODEL_NAME": MODEL_NAME, "FERRY_ACCESS_LOG": "false"}
-    env.update({f"FERRY_{key.upper()}": str(value) for key, value in settings.items()})
-    server = start_server(
-        name,
-        ["-m", "predictor", "--http_port", str(http_port), "--grpc_port", str(grpc_port)],
-        env=env,
-        port=http_port,
-        ready_path=f"/v2/models/{MODEL_NAME}/ready",
-        log_dir=log_dir,
-    )
+    """procs.start_ferry, remembered so that every server is stopped at exit."""
+    server = start_ferry(name, log_dir=log_dir, settings=settings, model_name=MODEL_NAME)
     STARTED.append(server)
     return server
 
