@@ -19,7 +19,7 @@ import math
 import time
 from collections.abc import AsyncGenerator, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from predictor import metrics
 from predictor.engine import GREEDY, Engine, EngineItem, EngineOutput, Sampling
@@ -78,25 +78,8 @@ class Ticket:
     cancelled: bool = False  # read from the engine thread: stop computing this sequence
     running: bool = False
     first_token_at: float | None = None
-    dispatched_at: float = 0.0
     finished: bool = False  # the caller has its answer (or error); counted out of in-flight
     enough: bool = False  # the caller stopped reading on purpose (a stop string), not a cancel
-
-
-@dataclass
-class BatcherStats:
-    """A record for tests and the benchmark: what the batcher actually did."""
-
-    batches: int = 0
-    requests: int = 0
-    recent_batch_sizes: collections.deque[int] = field(
-        default_factory=lambda: collections.deque(maxlen=100_000)
-    )
-
-    @property
-    def mean_batch_size(self) -> float:
-        sizes = self.recent_batch_sizes
-        return sum(sizes) / len(sizes) if sizes else 0.0
 
 
 class _BatchListener:
@@ -204,7 +187,6 @@ class Batcher:
         self._draining = False
         self._running_batches: set[asyncio.Task[None]] = set()
         self._in_flight = 0
-        self.stats = BatcherStats()
         self._batch_size_metric = metrics.batch_size_histogram(max_batch_size)
         metrics.SLOTS_TOTAL.set(self.slots)
         metrics.QUEUE_CAPACITY.set(max_queue_size)
@@ -403,11 +385,7 @@ class Batcher:
         started = time.monotonic()
         for ticket in batch:
             ticket.running = True
-            ticket.dispatched_at = started
             metrics.QUEUE_SECONDS.observe(started - ticket.admitted_at)
-        self.stats.batches += 1
-        self.stats.requests += len(batch)
-        self.stats.recent_batch_sizes.append(len(batch))
         self._batch_size_metric.observe(len(batch))
         items = [EngineItem(t.request.prompt_tokens, t.request.max_new_tokens, t.request.stream) for t in batch]
         listener = _BatchListener(loop, batch)
