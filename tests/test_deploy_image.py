@@ -46,4 +46,37 @@ def test_build_context_leaves_out_venv_models_and_git() -> None:
     lines = (ROOT / ".dockerignore").read_text().splitlines()
     assert lines[lines.index("*")] == "*"  # everything out, then only what the build needs back in
     allowed = {line[1:] for line in lines if line.startswith("!")}
-    assert allowed == {"pyproject.toml", "README.md", "predictor/"}
+    assert allowed == {"pyproject.toml", "README.md", "predictor/", "deploy/image/", "wheelhouse/"}
+
+
+def test_python_packages_come_from_the_hash_locked_wheelhouse_only() -> None:
+    text = DOCKERFILE.read_text()
+    installs = [line for line in text.splitlines() if "pip install" in line or line.strip().startswith("&& $pip")]
+    assert installs
+    assert 'pip="/opt/ferry/bin/pip install --no-index --find-links /wheels --require-hashes"' in text
+    for name in ("requirements.lock", "build-requirements.lock", "cuda-requirements.lock"):
+        assert f"/wheels/{name}" in text
+        lock = (ROOT / "deploy" / "image" / name).read_text()
+        pins = re.findall(r"^([A-Za-z0-9_.-]+)==(\S+) \\$", lock, re.M)
+        assert pins and lock.count("--hash=sha256:") == len(pins), name
+    # ferry itself is the only thing installed without a hash (it is the build context)
+    assert "pip install --no-index --no-deps --no-build-isolation ." in text
+
+
+def test_the_lock_pins_what_pyproject_asks_for() -> None:
+    import tomllib
+
+    wanted = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    lock = (ROOT / "deploy" / "image" / "requirements.lock").read_text()
+    pinned = dict(re.findall(r"^([a-z0-9_.-]+)==(\S+) \\$", lock, re.M))
+    for requirement in wanted:
+        name = re.split(r"[<>=!~ ;\[]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+        assert name in pinned, f"{name} is in pyproject.toml but not in deploy/image/requirements.lock: make lock"
+        if "==" in requirement:
+            assert pinned[name] == requirement.split("==")[1].strip(), name
+
+
+def test_image_build_artifacts_are_never_committed() -> None:
+    ignored = (ROOT / ".gitignore").read_text().splitlines()
+    for pattern in (".image/", "wheelhouse/", "*.whl", "*.tar"):
+        assert pattern in ignored
