@@ -36,12 +36,26 @@ def container_of(isvc: dict[str, Any]) -> dict[str, Any]:
     return container
 
 
+def runtime_of(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    (runtime,) = [o for o in objects if o["kind"] in ("ClusterServingRuntime", "ServingRuntime")]
+    return runtime
+
+
+def ferry_container(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    """ferry's container: the InferenceService's own, or the serving runtime's."""
+    isvc = isvc_of(objects)
+    if "model" in isvc["spec"]["predictor"]:
+        (container,) = runtime_of(objects)["spec"]["containers"]
+        return container
+    return container_of(isvc)
+
+
 def env_of(container: dict[str, Any]) -> dict[str, str]:
     return {e["name"]: e["value"] for e in container["env"]}
 
 
-def test_the_four_scenarios_exist() -> None:
-    assert set(SCENARIOS) == {"gpu-knative", "gpu-keda", "cpu", "minimal"}
+def test_the_five_scenarios_exist() -> None:
+    assert set(SCENARIOS) == {"gpu-knative", "gpu-keda", "cpu", "minimal", "runtime"}
 
 
 def test_chart_metadata() -> None:
@@ -159,20 +173,26 @@ def test_hpa_on_cpu_for_the_cpu_scenario() -> None:
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_security_probes_and_kserve_conventions(scenario: str) -> None:
-    isvc = isvc_of(objects_of(scenario))
-    container = container_of(isvc)
+    objects = objects_of(scenario)
+    isvc = isvc_of(objects)
+    container = ferry_container(objects)
+    runtime = "model" in isvc["spec"]["predictor"]
     sc = container["securityContext"]
     assert sc["runAsNonRoot"] is True and sc["readOnlyRootFilesystem"] is True
     assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"]
     assert container["name"] == "kserve-container"
     assert container["command"] == ["python", "-m", "predictor"]
     assert container["readinessProbe"]["httpGet"] == {
-        "path": "/v2/models/opt-125m/ready",
+        "path": "/v2/models/{{.Name}}/ready" if runtime else "/v2/models/opt-125m/ready",
         "port": 8080,
     }
     assert container["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": 8080}
     env = env_of(container)
-    assert env["FERRY_MODEL_DIR"] == "/mnt/models" and env["STORAGE_URI"]
+    assert env["FERRY_MODEL_DIR"] == "/mnt/models"
+    if runtime:
+        assert isvc["spec"]["predictor"]["model"]["storageUri"] and "STORAGE_URI" not in env
+    else:
+        assert env["STORAGE_URI"]
     annotations = isvc["metadata"]["annotations"]
     assert annotations["serving.kserve.io/enable-prometheus-scraping"] == "true"
     assert annotations["prometheus.kserve.io/port"] == "8080"
@@ -185,7 +205,7 @@ def test_security_probes_and_kserve_conventions(scenario: str) -> None:
 
 def test_every_ferry_env_var_is_a_real_setting() -> None:
     for scenario in SCENARIOS:
-        env = env_of(container_of(isvc_of(objects_of(scenario))))
+        env = env_of(ferry_container(objects_of(scenario)))
         names = {k.removeprefix("FERRY_").lower() for k in env if k.startswith("FERRY_")}
         assert names <= set(Settings.model_fields), names - set(Settings.model_fields)
         assert {"max_batch_size", "max_batch_wait_s", "max_queue_size", "drain_grace_s"} <= names
@@ -358,3 +378,211 @@ def test_notes_render() -> None:
         "ferry/templates/NOTES.txt"
     ]
     assert "inferenceservice/ferry-gpu-keda" in notes and "helm test ferry-gpu-keda" in notes
+
+
+# --------------------------------------------------------------------------- platform conventions
+
+
+def _predictor(**values: Any) -> dict[str, Any]:
+    return isvc_of(objects_of("", **values))["spec"]["predictor"]
+
+
+def test_pods_never_get_an_api_token_and_run_non_root_with_seccomp() -> None:
+    for scenario in SCENARIOS:
+        objects = objects_of(scenario)
+        predictor = isvc_of(objects)["spec"]["predictor"]
+        assert predictor["automountServiceAccountToken"] is False
+        assert predictor["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        knative = isvc_of(objects)["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Knative"
+        # Knative rejects pod-level runAsNonRoot unless its podspec-securitycontext feature is on;
+        # the container's securityContext carries it in every mode.
+        assert ("runAsNonRoot" in predictor["securityContext"]) is not knative
+        assert ferry_container(objects)["securityContext"]["runAsNonRoot"] is True
+    full = _predictor(knative={"podSpecSecurityContext": True})
+    assert full["securityContext"] == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+    assert _predictor(serviceAccount={"create": False, "name": "", "annotations": {}, "automount": True})[
+        "automountServiceAccountToken"
+    ] is True
+
+
+def test_service_account_create_name_annotations_automount() -> None:
+    sa_values = {"create": True, "name": "", "annotations": {"eks.amazonaws.com/role-arn": "arn:x"}, "automount": False}
+    objects = objects_of("", serviceAccount=sa_values)
+    (sa,) = chart.find(objects, "ServiceAccount")
+    assert sa["metadata"]["name"] == "ferry-default"
+    assert sa["metadata"]["annotations"] == {"eks.amazonaws.com/role-arn": "arn:x"}
+    assert sa["automountServiceAccountToken"] is False
+    assert isvc_of(objects)["spec"]["predictor"]["serviceAccountName"] == "ferry-default"
+    named = objects_of("", serviceAccount={**sa_values, "name": "models-reader"})
+    assert chart.find(named, "ServiceAccount")[0]["metadata"]["name"] == "models-reader"
+    existing = objects_of("", serviceAccount={**sa_values, "create": False, "name": "models-reader"})
+    assert chart.find(existing, "ServiceAccount") == []
+    assert isvc_of(existing)["spec"]["predictor"]["serviceAccountName"] == "models-reader"
+    assert "serviceAccountName" not in _predictor()
+
+
+def test_pod_annotations_labels_priority_class() -> None:
+    predictor = _predictor(
+        podAnnotations={"sidecar.istio.io/inject": "true"}, podLabels={"team": "ml"}, priorityClassName="inference"
+    )
+    assert predictor["annotations"] == {"sidecar.istio.io/inject": "true"}
+    assert predictor["labels"] == {"team": "ml"}
+    assert predictor["priorityClassName"] == "inference"
+    assert not {"annotations", "labels", "priorityClassName"} & set(_predictor())
+
+
+def test_topology_spread_constraints_select_the_predictor_pods_by_default() -> None:
+    spread = [
+        {"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone", "whenUnsatisfiable": "ScheduleAnyway"},
+        {"maxSkew": 2, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "DoNotSchedule",
+         "labelSelector": {"matchLabels": {"app": "mine"}}},
+    ]
+    zone, host = _predictor(topologySpreadConstraints=spread)["topologySpreadConstraints"]
+    assert zone["labelSelector"] == {
+        "matchLabels": {"serving.kserve.io/inferenceservice": "ferry-default", "component": "predictor"}
+    }
+    assert zone["topologyKey"] == "topology.kubernetes.io/zone"
+    assert host["labelSelector"] == {"matchLabels": {"app": "mine"}}
+    assert "topologySpreadConstraints" not in _predictor()
+
+
+def test_env_from_extra_env_extra_volumes_and_mounts() -> None:
+    predictor = _predictor(
+        envFrom=[{"secretRef": {"name": "ferry-env"}}],
+        extraEnv=[{"name": "FERRY_ACCESS_LOG", "value": "true"}],
+        extraVolumes=[{"name": "cache", "emptyDir": {}}],
+        extraVolumeMounts=[{"name": "cache", "mountPath": "/cache"}],
+    )
+    (container,) = predictor["containers"]
+    assert container["envFrom"] == [{"secretRef": {"name": "ferry-env"}}]
+    assert container["env"][-1] == {"name": "FERRY_ACCESS_LOG", "value": "true"}
+    assert {"name": "cache", "mountPath": "/cache"} in container["volumeMounts"]
+    assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]
+    assert {"name": "cache", "emptyDir": {}} in predictor["volumes"]
+    assert "envFrom" not in container_of({"spec": {"predictor": _predictor()}})
+    # the same values land in the serving runtime's container when the chart installs one
+    objects = objects_of("runtime", envFrom=[{"configMapRef": {"name": "c"}}],
+                         extraVolumes=[{"name": "cache", "emptyDir": {}}],
+                         extraVolumeMounts=[{"name": "cache", "mountPath": "/cache"}])
+    runtime = runtime_of(objects)
+    assert runtime["spec"]["containers"][0]["envFrom"] == [{"configMapRef": {"name": "c"}}]
+    assert {"name": "cache", "emptyDir": {}} in runtime["spec"]["volumes"]
+
+
+def test_image_digest_pins_the_image() -> None:
+    digest = "sha256:" + "ab" * 32
+    image = container_of(isvc_of(objects_of("gpu-knative", image={
+        "repository": "r.example/ferry", "tag": "ignored", "pullPolicy": "IfNotPresent", "digest": digest
+    })))["image"]
+    assert image == f"r.example/ferry@{digest}"
+    with pytest.raises(Exception, match="digest"):
+        objects_of("", image={"repository": "r", "tag": "", "pullPolicy": "Always", "digest": "latest"})
+
+
+def test_inferenceservice_annotations_labels_and_toggle() -> None:
+    isvc = isvc_of(objects_of("", inferenceService={
+        "enabled": True, "annotations": {"serving.kserve.io/enable-tag-routing": "true"}, "labels": {"cost": "ml"}
+    }))
+    assert isvc["metadata"]["annotations"]["serving.kserve.io/enable-tag-routing"] == "true"
+    assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Knative"  # kept
+    assert isvc["metadata"]["labels"]["cost"] == "ml"
+    assert isvc["metadata"]["labels"]["app.kubernetes.io/name"] == "ferry"
+    only_runtime = objects_of("runtime", inferenceService={"enabled": False, "annotations": {}, "labels": {}})
+    assert chart.find(only_runtime, "InferenceService") == []
+    assert runtime_of(only_runtime)["kind"] == "ClusterServingRuntime"
+
+
+def test_serving_runtime_and_an_inferenceservice_that_uses_it() -> None:
+    objects = objects_of("runtime")
+    runtime = runtime_of(objects)
+    assert runtime["kind"] == "ClusterServingRuntime" and "namespace" not in runtime["metadata"]
+    assert runtime["spec"]["supportedModelFormats"] == [
+        {"name": "ctranslate2", "version": "4", "autoSelect": True, "priority": 1}
+    ]
+    (container,) = runtime["spec"]["containers"]
+    assert container["args"] == ["--model_name={{.Name}}", "--http_port=8080", "--grpc_port=8081"]
+    assert [p["containerPort"] for p in container["ports"]] == [8080, 8081]
+    assert runtime["spec"]["protocolVersions"] == ["v1", "v2", "grpc-v2"]
+    predictor = isvc_of(objects)["spec"]["predictor"]
+    assert "containers" not in predictor and "volumes" not in predictor
+    assert predictor["model"]["modelFormat"] == {"name": "ctranslate2"}
+    assert predictor["model"]["runtime"] == "ferry"
+    assert predictor["model"]["storageUri"] == VALUES["model"]["storageUri"]
+    (test_pod,) = chart.find(objects, "Pod")
+    assert {"name": "MODEL", "value": "ferry-runtime"} in test_pod["spec"]["containers"][0]["env"]
+    # namespaced variant, Knative (one port), GPU: the GPU is asked for by the InferenceService
+    rt_values = {**VALUES["servingRuntime"], "enabled": True, "kind": "ServingRuntime", "name": "ferry-ns"}
+    objects = objects_of("gpu-knative", servingRuntime=rt_values)
+    runtime = runtime_of(objects)
+    assert runtime["kind"] == "ServingRuntime" and runtime["metadata"]["namespace"] == chart.NAMESPACE
+    assert [p["containerPort"] for p in runtime["spec"]["containers"][0]["ports"]] == [8080]
+    assert runtime["spec"]["containers"][0]["image"].endswith("-cuda")
+    predictor = isvc_of(objects)["spec"]["predictor"]
+    assert predictor["model"]["runtime"] == "ferry-ns"
+    assert predictor["model"]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert "nvidia.com/gpu" not in json.dumps(runtime["spec"]["containers"][0]["resources"])
+    problems = {kv.label(o): kv.validate_document(o, chart.KUBE_VERSION) for o in objects}
+    assert {k: v for k, v in problems.items() if v} == {}
+
+
+def _peers(netpol: dict[str, Any]) -> list[tuple[dict[str, Any], list[int]]]:
+    return [(rule["from"][0], [p["port"] for p in rule["ports"]]) for rule in netpol["spec"]["ingress"]]
+
+
+def test_networkpolicy_admits_only_what_the_chart_names() -> None:
+    (standard,) = chart.find(objects_of("runtime"), "NetworkPolicy")
+    peers = _peers(standard)
+    gateway, prometheus, helm_test = peers
+    assert gateway == (
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "istio-system"}},
+         "podSelector": {"matchLabels": {"istio": "ingressgateway"}}},
+        [8080, 8081],
+    )
+    assert prometheus == (
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+         "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}},
+        [8080],
+    )
+    assert helm_test[0] == {"podSelector": {"matchLabels": {
+        "app.kubernetes.io/name": "ferry", "app.kubernetes.io/instance": "ferry-runtime",
+        "app.kubernetes.io/component": "test"}}}
+    # every peer names both a namespace and pods, or pods of the release's own namespace: no open rule
+    for peer, _ in peers:
+        assert peer.get("podSelector", {}).get("matchLabels")
+    (knative,) = chart.find(objects_of("gpu-knative"), "NetworkPolicy")
+    assert [ports for _, ports in _peers(knative)] == [[8012], [8012], [9090], [8080, 9091], [8012]]
+    assert [p.get("podSelector") for p, _ in _peers(knative)][1:3] == [
+        {"matchLabels": {"app": "activator"}}, {"matchLabels": {"app": "autoscaler"}}
+    ]
+    # the helm test pod carries the labels the policy admits
+    (pod,) = chart.find(objects_of("runtime"), "Pod")
+    assert helm_test[0]["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    # Helm merges maps with the defaults: null drops a default label
+    custom = {"enabled": True, "ingressGateway": {"namespace": "gw", "podLabels": {"istio": None, "app": "gw"}},
+              "knativeNamespace": "kn", "prometheus": {"namespace": "obs", "podLabels": {"app": "prom"}},
+              "extraIngress": [{"from": [{"namespaceSelector": {"matchLabels": {"team": "a"}}}]}]}
+    (netpol,) = chart.find(objects_of("runtime", networkPolicy=custom), "NetworkPolicy")
+    assert netpol["spec"]["ingress"][-1] == {"from": [{"namespaceSelector": {"matchLabels": {"team": "a"}}}]}
+    assert netpol["spec"]["ingress"][0]["from"][0]["podSelector"] == {"matchLabels": {"app": "gw"}}
+    assert chart.find(objects_of("minimal"), "NetworkPolicy") == []
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"serviceAccount": {"create": "yes"}},
+        {"serviceAccount": {"automount": True, "token": True}},
+        {"servingRuntime": {"enabled": True, "kind": "Runtime", "name": "ferry", "modelFormatVersion": "4",
+                            "autoSelect": True, "priority": 1}},
+        {"podLabels": {"a": 1}},
+        {"topologySpreadConstraints": [{"maxSkew": 1}]},
+        {"extraVolumeMounts": [{"name": "x"}]},
+        {"networkPolicy": {"allowedNamespaces": ["x"]}},
+        {"serviceAccountName": "x"},
+    ],
+)
+def test_schema_rejects_bad_new_values(values: dict[str, Any]) -> None:
+    import helm_python
+
+    with pytest.raises(helm_python.HelmValuesError):
+        chart.render(values)

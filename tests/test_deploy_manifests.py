@@ -17,7 +17,16 @@ SAME_AS_CHART = {
     "inferenceservice-gpu-keda.yaml": ("gpu-keda", "ferry-gpu-keda", {}),
     "inferenceservice-cpu.yaml": ("cpu", "ferry-cpu", {}),
     "loadtest-job.yaml": ("gpu-knative", "ferry-gpu", {"loadtest": {"enabled": True}}),
+    "clusterservingruntime.yaml": ("runtime", "ferry-runtime", {}),
+    "servingruntime.yaml": (
+        "runtime",
+        "ferry-runtime",
+        {"servingRuntime": {"enabled": True, "kind": "ServingRuntime", "name": "ferry",
+                            "modelFormatVersion": "4", "autoSelect": True, "priority": 1}},
+    ),
 }
+# The runtime's minimal example: modelFormat + storageUri only, nothing for the chart to render.
+EXAMPLES = {"inferenceservice-runtime.yaml"}
 HELM_ONLY_LABELS = {"helm.sh/chart", "app.kubernetes.io/managed-by", "app.kubernetes.io/version"}
 
 
@@ -26,7 +35,7 @@ def docs(path: Path) -> list[dict[str, Any]]:
 
 
 def test_every_manifest_is_compared_with_the_chart() -> None:
-    assert {p.name for p in MANIFESTS} == set(SAME_AS_CHART)
+    assert {p.name for p in MANIFESTS} == set(SAME_AS_CHART) | EXAMPLES
 
 
 @pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
@@ -73,7 +82,16 @@ def test_the_manifests_share_the_charts_defaults() -> None:
     values = chart.load_values(chart.CHART / "values.yaml")
     for path in MANIFESTS:
         for obj in docs(path):
+            if obj["kind"] not in ("InferenceService", "ClusterServingRuntime", "ServingRuntime"):
+                continue
+            if path.name in EXAMPLES:
+                assert obj["spec"]["predictor"]["model"]["storageUri"] == values["model"]["storageUri"]
+                continue
             if obj["kind"] != "InferenceService":
+                (container,) = obj["spec"]["containers"]
+                env = {e["name"]: e["value"] for e in container["env"]}
+                assert "STORAGE_URI" not in env and "FERRY_MODEL_NAME" not in env  # KServe provides both
+                assert int(env["FERRY_MAX_BATCH_SIZE"]) == values["ferry"]["maxBatchSize"]
                 continue
             (container,) = obj["spec"]["predictor"]["containers"]
             env = {e["name"]: e["value"] for e in container["env"]}
@@ -82,3 +100,41 @@ def test_the_manifests_share_the_charts_defaults() -> None:
             assert int(env["FERRY_MAX_BATCH_SIZE"]) == values["ferry"]["maxBatchSize"]
             assert float(env["FERRY_DRAIN_GRACE_S"]) == values["ferry"]["drainGraceS"]
             assert int(env["FERRY_MAX_QUEUE_SIZE"]) == values["ferry"]["maxQueueSize"]
+
+
+def _runtimes() -> list[dict[str, Any]]:
+    return [o for name in ("clusterservingruntime.yaml", "servingruntime.yaml") for o in docs(chart.MANIFESTS / name)]
+
+
+def test_the_runtimes_serve_ctranslate2_with_ferrys_container() -> None:
+    kinds = sorted(o["kind"] for o in _runtimes())
+    assert kinds == ["ClusterServingRuntime", "ServingRuntime"]
+    for runtime in _runtimes():
+        spec = runtime["spec"]
+        assert runtime["metadata"]["name"] == "ferry"
+        assert spec["supportedModelFormats"] == [
+            {"name": "ctranslate2", "version": "4", "autoSelect": True, "priority": 1}
+        ]
+        (container,) = spec["containers"]
+        assert container["name"] == "kserve-container" and container["image"].startswith("ghcr.io/ferry-serving/ferry:")
+        assert "--model_name={{.Name}}" in container["args"]
+        assert [(p["name"], p["containerPort"]) for p in container["ports"]] == [("http1", 8080), ("grpc", 8081)]
+        assert container["readinessProbe"]["httpGet"] == {"path": "/v2/models/{{.Name}}/ready", "port": 8080}
+        assert container["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": 8080}
+        assert container["resources"]["requests"] and container["resources"]["limits"]
+        assert container["securityContext"]["runAsNonRoot"] is True
+        assert {"name": "FERRY_DEVICE", "value": "auto"} in container["env"]
+        assert sorted(spec["protocolVersions"]) == ["grpc-v2", "v1", "v2"]
+    namespaced = [o for o in _runtimes() if o["kind"] == "ServingRuntime"]
+    assert namespaced[0]["metadata"]["namespace"] == chart.NAMESPACE
+
+
+def test_the_runtime_example_names_only_a_model_format_and_a_storage_uri() -> None:
+    (isvc,) = docs(chart.MANIFESTS / "inferenceservice-runtime.yaml")
+    predictor = isvc["spec"]["predictor"]
+    assert list(predictor) == ["model"]
+    assert set(predictor["model"]) == {"modelFormat", "storageUri"}
+    assert predictor["model"]["modelFormat"] == {"name": "ctranslate2"}
+    assert "containers" not in predictor
+    # the runtime's two ports need Standard mode (Knative allows one)
+    assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Standard"

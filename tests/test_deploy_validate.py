@@ -30,6 +30,8 @@ def test_the_project_carries_the_schemas_it_needs_and_none_over_2_mib() -> None:
     names = {p.name for p in SCHEMAS}
     for needed in (
         "serving.kserve.io_inferenceservice_v1beta1.json",
+        "serving.kserve.io_servingruntime_v1alpha1.json",
+        "serving.kserve.io_clusterservingruntime_v1alpha1.json",
         "monitoring.coreos.com_servicemonitor_v1.json",
         "monitoring.coreos.com_podmonitor_v1.json",
         "monitoring.coreos.com_prometheusrule_v1.json",
@@ -90,6 +92,24 @@ def test_a_typo_in_a_servicemonitor_fails() -> None:
     ]
     del doc["spec"]["endpoints"][0]["intervall"]  # type: ignore[index, attr-defined]
     assert kv.validate_document(doc) == []
+
+
+@pytest.mark.parametrize("kind", ["ClusterServingRuntime", "ServingRuntime"])
+def test_a_typo_in_a_serving_runtime_fails(kind: str) -> None:
+    doc = {
+        "apiVersion": "serving.kserve.io/v1alpha1",
+        "kind": kind,
+        "metadata": {"name": "ferry"},
+        "spec": {
+            "supportedModelFormats": [{"name": "ctranslate2", "autoSelect": True}],
+            "containers": [{"name": "kserve-container", "image": "ferry:0.1.0"}],
+        },
+    }
+    assert kv.validate_document(doc) == []
+    doc["spec"]["supportedModelFormats"][0]["autoselect"] = True  # type: ignore[index]
+    assert kv.validate_document(doc) == [
+        'spec.supportedModelFormats[0].autoselect: unknown field "autoselect" (did you mean "autoSelect"?)'
+    ]
 
 
 def test_a_typo_in_a_builtin_kind_fails_under_kubernetes_validate_strict() -> None:
