@@ -273,16 +273,6 @@ def _replay(
     return order, done, time.perf_counter() - started
 
 
-class _Discard:
-    """A GenerationListener that keeps nothing (the replay only needs the engine's time)."""
-
-    def on_token(self, index: int, token: str) -> bool:
-        return False
-
-    def on_done(self, index: int, output: Any) -> None:
-        pass
-
-
 def simulated_engine_ceiling(
     sizes: Sequence[int],
     *,
@@ -296,13 +286,13 @@ def simulated_engine_ceiling(
 ) -> dict[str, Any]:
     """SimulatedEngine itself, called back to back with these batches (its sleeps overshoot the
     formula a little, and no server can avoid that), plus the formula's own figure."""
-    from predictor.engine import GREEDY, EngineItem, SimulatedEngine
+    from predictor.engine import GREEDY, Collect, EngineItem, SimulatedEngine
 
     engine = SimulatedEngine(name="ceiling", latency=latency, concurrency=concurrency)
     tokens = shared_tokenizer().encode(prompt)
 
     def run(n: int) -> None:
-        engine.generate([EngineItem(tokens, max_new_tokens)] * n, GREEDY, _Discard())
+        engine.generate([EngineItem(tokens, max_new_tokens) for _ in range(n)], GREEDY, Collect(n))
 
     order, done, wall = _replay(
         sizes, run, concurrency=concurrency, max_in_flight=max_in_flight, time_cap_s=time_cap_s, seed=seed

@@ -1,12 +1,16 @@
 """The batcher: one bounded queue, one consumer task, N engine slots.
 
 Work-conserving: when a slot is free and requests wait, up to `max_batch_size` of them go to
-the engine at once. There is no timer by default, so a lone request goes straight to the engine
-and batches grow by themselves under load (requests pile up while the slots are busy).
-`max_batch_wait_s` optionally lets a partial batch wait that long to grow.
+the engine at once. There is no fixed timer: a lone request goes straight to the engine, and a
+short gathering window (see `GatherPolicy`) opens only when a burst is known to be coming.
 
-Knows nothing of HTTP, gRPC or CTranslate2: protocols build `GenerationRequest`s, the engine
-computes `EngineItem`s.
+`submit()` returns a `RequestStream`: text deltas when the caller asked for them, then the
+final output or an error. The engine hands each step's (or, on the fast path, each batch's)
+results to the loop in one call. Long requests may be decoded in chunks that rejoin the queue
+(`chunk_tokens`), so they never hold short ones hostage.
+
+Knows nothing of HTTP, gRPC or CTranslate2: protocols build `GenerationRequest`s and read
+`RequestStream`s, the engine computes `EngineItem`s.
 """
 
 from __future__ import annotations
@@ -17,12 +21,14 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from predictor import metrics
 from predictor.engine import GREEDY, Engine, EngineItem, EngineOutput, Sampling
+from predictor.text import TextAssembler
+from predictor.tokenizer import shared_tokenizer
 
 log = logging.getLogger("ferry.batcher")
 
@@ -63,59 +69,177 @@ class GenerationRequest:
     max_new_tokens: int
     sampling: Sampling = GREEDY
     timeout_s: float = 30.0
-    stream: bool = False
+    incremental: bool = False  # the caller reads text deltas as they are generated
+    stop: tuple[str, ...] = ()  # stop strings: the text ends before the first one
 
 
-@dataclass(eq=False)
-class Ticket:
-    """One admitted request: its future, its optional token stream, and its state."""
+@dataclass(frozen=True, slots=True)
+class TextDelta:
+    """New text of a request that asked for it (`incremental`), in order."""
 
-    request: GenerationRequest
-    future: asyncio.Future[EngineOutput]
-    admitted_at: float
-    deadline: float
-    stream: asyncio.Queue[str | None] | None = None
-    cancelled: bool = False  # read from the engine thread: stop computing this sequence
-    running: bool = False
-    first_token_at: float | None = None
-    finished: bool = False  # the caller has its answer (or error); counted out of in-flight
-    enough: bool = False  # the caller stopped reading on purpose (a stop string), not a cancel
+    text: str
+
+
+Event = TextDelta | EngineOutput
+
+
+class RequestStream:
+    """One admitted request as its caller sees it: text deltas (only when it asked for them),
+    then the final `EngineOutput`, or an error raised from the iteration or `result()`.
+
+    Leaving early (close, a cancelled task) abandons the request: it is never computed, or its
+    sequence stops at the next step. Protocols see only this object.
+    """
+
+    def __init__(self, batcher: Batcher, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> None:
+        self.request = request
+        self._batcher = batcher
+        self._loop = loop
+        self.admitted_at = time.monotonic()
+        self.deadline = loop.time() + request.timeout_s
+        self._timer = loop.call_at(self.deadline, batcher._expire, self)
+        wants_text = request.incremental or bool(request.stop)
+        assembler = TextAssembler(batcher.decode, request.stop) if wants_text else None
+        self.item = EngineItem(request.prompt_tokens, request.max_new_tokens, [], assembler)
+        self._deltas: collections.deque[str] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self.output: EngineOutput | None = None
+        self.error: BaseException | None = None
+        self.cancelled = False  # read from the engine thread: stop computing this sequence
+        self.running = False
+        self.first_token_at: float | None = None
+        self._emitted = 0  # characters of text handed out as deltas
+        self._tail_sent = False
+        self._final_sent = False
+
+    # ---- the caller's side -----------------------------------------------------------
+
+    @property
+    def done(self) -> bool:
+        return self.output is not None or self.error is not None
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> Event:
+        while True:
+            if self._deltas:
+                return TextDelta(self._deltas.popleft())
+            if self.error is not None:
+                raise self.error
+            if self.output is not None:
+                if not self._tail_sent:  # text the assembler held back until the end
+                    self._tail_sent = True
+                    tail = self.output.text[self._emitted :] if self.request.incremental else ""
+                    if tail:
+                        return TextDelta(tail)
+                if not self._final_sent:
+                    self._final_sent = True
+                    return self.output
+                raise StopAsyncIteration
+            await self._wait()
+
+    async def result(self) -> EngineOutput:
+        """The final output (text deltas, if any, are skipped)."""
+        while not self.done:
+            await self._wait()
+        self._deltas.clear()
+        if self.error is not None:
+            raise self.error
+        assert self.output is not None
+        return self.output
+
+    def close(self) -> None:
+        """The caller stops reading: an unfinished request is abandoned (counted cancelled)."""
+        if not self.done:
+            metrics.CANCELLED.labels("running" if self.running else "queued").inc()
+            self._batcher._abandon(self, asyncio.CancelledError())
+
+    async def _wait(self) -> None:
+        self._waiter = self._loop.create_future()
+        try:
+            await self._waiter
+        except asyncio.CancelledError:
+            self.close()
+            raise
+        finally:
+            self._waiter = None
+
+    # ---- the batcher's side ----------------------------------------------------------
+
+    @property
+    def remaining(self) -> int:
+        return self.request.max_new_tokens - len(self.item.generated)
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _push(self, delta: str) -> None:
+        if self.request.incremental and not self.done:
+            self._deltas.append(delta)
+            self._emitted += len(delta)
+            self._wake()
+
+    def _resolve(self, output: EngineOutput) -> bool:
+        if self.done:
+            return False
+        self.output = output
+        self._settle()
+        return True
+
+    def _fail(self, error: BaseException) -> bool:
+        if self.done:
+            return False
+        self.error = error
+        self._settle()
+        return True
+
+    def _settle(self) -> None:
+        self._timer.cancel()
+        self._batcher._finished(self)
+        self._wake()
 
 
 class _BatchListener:
-    """Runs in the engine thread; hands results back to the event loop thread-safely."""
+    """Runs in the engine thread: collects a step's deltas and answers, and hands them to the
+    event loop in one call per step (per batch when no sequence needs per-token work)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, tickets: Sequence[Ticket]) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        deliver: Callable[[list[tuple[RequestStream, str | EngineOutput]]], None],
+        tickets: Sequence[RequestStream],
+    ) -> None:
         self.loop = loop
+        self.deliver = deliver
         self.tickets = tickets
+        self.pending: list[tuple[RequestStream, str | EngineOutput]] = []
 
-    def on_token(self, index: int, token: str) -> bool:
+    def on_token(self, index: int, delta: str) -> bool:
         ticket = self.tickets[index]
         if ticket.cancelled:
             return True
         if ticket.first_token_at is None:
             ticket.first_token_at = time.monotonic()
-        if ticket.stream is not None:
-            self.loop.call_soon_threadsafe(ticket.stream.put_nowait, token)
+        if delta and ticket.request.incremental:
+            self.pending.append((ticket, delta))
         return False
 
     def on_done(self, index: int, output: EngineOutput) -> None:
-        self.loop.call_soon_threadsafe(_resolve, self.tickets[index], output)
+        self.pending.append((self.tickets[index], output))
 
+    def cancelled(self, index: int) -> bool:
+        return self.tickets[index].cancelled
 
-def _resolve(ticket: Ticket, output: EngineOutput) -> None:
-    if not ticket.future.done():
-        ticket.future.set_result(output)
-    if ticket.stream is not None:
-        ticket.stream.put_nowait(None)
+    def flush(self) -> None:
+        if self.pending:
+            pending, self.pending = self.pending, []
+            self.loop.call_soon_threadsafe(self.deliver, pending)
 
-
-def _fail(ticket: Ticket, error: BaseException) -> None:
-    if not ticket.future.done():
-        ticket.future.set_exception(error)
-        ticket.future.exception()  # mark retrieved: a cancelled waiter may never read it
-    if ticket.stream is not None:
-        ticket.stream.put_nowait(None)
+    def take(self) -> list[tuple[RequestStream, str | EngineOutput]]:
+        pending, self.pending = self.pending, []
+        return pending
 
 
 class GatherPolicy:
@@ -165,16 +289,19 @@ class Batcher:
         max_queue_size: int = 512,
         max_batch_wait_s: float = 0.05,
         slots: int = 0,
+        chunk_tokens: int = 0,
         executor: Executor | None = None,
     ) -> None:
         self.engine = engine
+        self.decode = getattr(engine, "tokenizer", shared_tokenizer()).decode
         self.max_batch_size = max_batch_size
         self.max_queue_size = max_queue_size
         self.max_batch_wait_s = max_batch_wait_s
         self.slots = slots or engine.concurrency
+        self.chunk_tokens = chunk_tokens
         # ferry's own pool: engine calls never wait behind KServe's default executor.
         self._executor = executor or ThreadPoolExecutor(self.slots, thread_name_prefix="ferry-engine")
-        self._queue: collections.deque[Ticket] = collections.deque()
+        self._queue: collections.deque[RequestStream] = collections.deque()
         self._busy = 0
         self._wake = asyncio.Event()
         self._policy = GatherPolicy(max_batch_wait_s, max_batch_size)
@@ -201,7 +328,7 @@ class Batcher:
     def accepting(self) -> bool:
         return not (self._draining or self._stopping)
 
-    def submit(self, request: GenerationRequest) -> Ticket:
+    def submit(self, request: GenerationRequest) -> RequestStream:
         """Admits a request or raises at once (never blocks, never queues beyond the limit)."""
         if not self.accepting:
             metrics.REJECTED.labels("draining").inc()
@@ -209,15 +336,7 @@ class Batcher:
         if len(self._queue) >= self.max_queue_size:
             metrics.REJECTED.labels("queue_full").inc()
             raise QueueFull(self.max_queue_size)
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        ticket = Ticket(
-            request=request,
-            future=loop.create_future(),
-            admitted_at=time.monotonic(),
-            deadline=now + request.timeout_s,
-            stream=asyncio.Queue() if request.stream else None,
-        )
+        ticket = RequestStream(self, request, asyncio.get_running_loop())
         self._queue.append(ticket)
         self._in_flight += 1
         self._policy.observe_in_flight(self._in_flight)
@@ -231,71 +350,28 @@ class Batcher:
         return ticket
 
     async def generate(self, request: GenerationRequest) -> EngineOutput:
-        """Submits and waits; a cancelled caller (client gone) stops costing compute."""
-        ticket = self.submit(request)
-        try:
-            return await self.result(ticket)
-        finally:
-            self._finish(ticket)
+        """Submits and collects; a cancelled caller (client gone) stops costing compute."""
+        return await self.submit(request).result()
 
-    async def result(self, ticket: Ticket) -> EngineOutput:
-        loop = asyncio.get_running_loop()
-        remaining = ticket.deadline - loop.time()
-        try:
-            return await asyncio.wait_for(asyncio.shield(ticket.future), max(remaining, 0.0))
-        except TimeoutError:
-            stage = "running" if ticket.running else "queued"
-            self._abandon(ticket)
-            metrics.TIMEOUTS.labels(stage).inc()
-            raise DeadlineExceeded(ticket.request.timeout_s, stage) from None
-        except asyncio.CancelledError:
-            metrics.CANCELLED.labels("running" if ticket.running else "queued").inc()
-            self._abandon(ticket)
-            raise
+    def _expire(self, ticket: RequestStream) -> None:
+        """The request's deadline passed (a timer on the loop, one per request)."""
+        if ticket.done:
+            return
+        stage = "running" if ticket.running else "queued"
+        metrics.TIMEOUTS.labels(stage).inc()
+        self._abandon(ticket, DeadlineExceeded(ticket.request.timeout_s, stage))
 
-    async def stream(self, ticket: Ticket) -> AsyncGenerator[str, None]:
-        """Yields token strings as the engine produces them; raises like `result` at the end."""
-        assert ticket.stream is not None, "submit with stream=True"
-        loop = asyncio.get_running_loop()
-        try:
-            while True:
-                remaining = ticket.deadline - loop.time()
-                try:
-                    token = await asyncio.wait_for(ticket.stream.get(), max(remaining, 0.0))
-                except TimeoutError:
-                    stage = "running" if ticket.running else "queued"
-                    self._abandon(ticket)
-                    metrics.TIMEOUTS.labels(stage).inc()
-                    raise DeadlineExceeded(ticket.request.timeout_s, stage) from None
-                if token is None:
-                    break
-                yield token
-            await ticket.future  # re-raise an engine failure
-        except (asyncio.CancelledError, GeneratorExit):
-            if not ticket.enough:
-                metrics.CANCELLED.labels("running" if ticket.running else "queued").inc()
-            self._abandon(ticket)
-            raise
-        finally:
-            self._finish(ticket)
-
-    def stop_early(self, ticket: Ticket) -> None:
-        """The caller has what it wants (e.g. a stop string): stop computing, count no cancel."""
-        ticket.enough = True
-        self._abandon(ticket)
-
-    def _abandon(self, ticket: Ticket) -> None:
-        """The client is gone or out of time: never compute it, or stop its sequence."""
+    def _abandon(self, ticket: RequestStream, error: BaseException) -> None:
+        """The client is gone or out of time: answered with `error` now, never computed, or its
+        sequence stopped at the engine's next step."""
         ticket.cancelled = True
         if not ticket.running:
             with contextlib.suppress(ValueError):  # already taken or failed
                 self._queue.remove(ticket)
             metrics.QUEUE_DEPTH.set(len(self._queue))
+        ticket._fail(error)
 
-    def _finish(self, ticket: Ticket) -> None:
-        if ticket.finished:
-            return
-        ticket.finished = True
+    def _finished(self, ticket: RequestStream) -> None:
         self._in_flight -= 1
         metrics.IN_FLIGHT.dec()
         self._check_idle()
@@ -314,7 +390,7 @@ class Batcher:
             except Exception:  # a bug in batch forming must not strand admitted requests
                 log.exception("batcher consumer crashed; failing queued requests and restarting")
                 for ticket in list(self._queue):
-                    _fail(ticket, Unavailable("internal batcher error, retry"))
+                    ticket._fail(Unavailable("internal batcher error, retry"))
                 self._queue.clear()
                 metrics.QUEUE_DEPTH.set(0)
 
@@ -342,22 +418,15 @@ class Batcher:
         finally:
             self._gather_target = self.max_batch_size + 1
 
-    def _take_batch(self, limit: int | None = None) -> list[Ticket]:
+    def _take_batch(self, limit: int | None = None) -> list[RequestStream]:
         """Up to `limit` (max_batch_size) live requests sharing the head's sampling settings."""
         limit = min(limit or self.max_batch_size, self.max_batch_size)
-        loop = asyncio.get_running_loop()
-        now = loop.time()
         head_sampling: Sampling | None = None
-        taken: list[Ticket] = []
-        kept: collections.deque[Ticket] = collections.deque()
+        taken: list[RequestStream] = []
+        kept: collections.deque[RequestStream] = collections.deque()
         while self._queue:
             ticket = self._queue.popleft()
-            if ticket.cancelled or ticket.future.done():
-                continue
-            if ticket.deadline <= now:
-                ticket.cancelled = True
-                metrics.TIMEOUTS.labels("queued").inc()
-                _fail(ticket, DeadlineExceeded(ticket.request.timeout_s, "queued"))
+            if ticket.cancelled or ticket.done:
                 continue
             if head_sampling is None:
                 head_sampling = ticket.request.sampling
@@ -372,46 +441,70 @@ class Batcher:
         metrics.QUEUE_DEPTH.set(len(self._queue))
         return taken
 
-    def _dispatch(self, batch: list[Ticket]) -> None:
+    def _dispatch(self, batch: list[RequestStream]) -> None:
+        alone = self._busy == 0 and not self._queue and self._in_flight == len(batch)
         self._busy += 1
         self._running_requests += len(batch)
         metrics.SLOTS_BUSY.set(self._busy)
-        task = asyncio.create_task(self._run_batch(batch))
+        task = asyncio.create_task(self._run_batch(batch, alone))
         self._running_batches.add(task)
         task.add_done_callback(self._running_batches.discard)
 
-    async def _run_batch(self, batch: list[Ticket]) -> None:
+    def _plan_call(self, batch: Sequence[RequestStream]) -> list[EngineItem]:
+        """Each request's share of this call. With chunking, a call runs at most
+        max(shortest request, chunk_tokens) steps: a long request decodes in chunks that rejoin
+        the queue, so it never holds a slot for its whole length while short ones wait."""
+        remaining = [t.remaining for t in batch]
+        steps = max(remaining)
+        if self.chunk_tokens:
+            steps = min(steps, max(min(remaining), self.chunk_tokens))
+        items = []
+        for ticket, left in zip(batch, remaining, strict=True):
+            ticket.item.max_new_tokens = min(left, steps)
+            ticket.item.final = left <= steps
+            items.append(ticket.item)
+        return items
+
+    def _deliver(self, events: list[tuple[RequestStream, str | EngineOutput]]) -> None:
+        """On the loop: one step's (or one batch's) text deltas and answers."""
+        for ticket, event in events:
+            if isinstance(event, str):
+                ticket._push(event)
+            elif event.finish_reason == "length" and not ticket.item.final:
+                continue  # a chunk ended; _run_batch puts the request back in the queue
+            elif ticket._resolve(event):
+                metrics.PROMPT_TOKENS.inc(len(ticket.request.prompt_tokens))
+                if ticket.first_token_at is not None and ticket.request.incremental:
+                    metrics.TIME_TO_FIRST_TOKEN.observe(ticket.first_token_at - ticket.admitted_at)
+
+    async def _run_batch(self, batch: list[RequestStream], alone: bool) -> None:
         loop = asyncio.get_running_loop()
         started = time.monotonic()
         for ticket in batch:
             ticket.running = True
             metrics.QUEUE_SECONDS.observe(started - ticket.admitted_at)
         self._batch_size_metric.observe(len(batch))
-        items = [EngineItem(t.request.prompt_tokens, t.request.max_new_tokens, t.request.stream) for t in batch]
-        listener = _BatchListener(loop, batch)
+        items = self._plan_call(batch)
+        listener = _BatchListener(loop, self._deliver, batch)
+        generated_before = sum(len(item.generated) for item in items)
         try:
             await loop.run_in_executor(
-                self._executor, self.engine.generate, items, batch[0].request.sampling, listener
+                self._executor, self.engine.generate, items, batch[0].request.sampling, listener, alone
             )
         except Exception as exc:
             log.error("engine failed on a batch of %d: %r", len(batch), exc)
             metrics.ENGINE_FAILURES.inc()
-            error = EngineFailed(exc)
             # Answers the engine handed over before failing were queued on the loop ahead of this
-            # resumption (call_soon_threadsafe is FIFO), so only unanswered requests fail here.
+            # resumption (call_soon_threadsafe is FIFO); what it had not flushed is delivered now.
+            self._deliver(listener.take())
+            error = EngineFailed(exc)
             for ticket in batch:
-                _fail(ticket, error)
+                ticket._fail(error)
         else:
-            generated = 0
-            for ticket in batch:
-                if ticket.future.done() and not ticket.future.cancelled() and ticket.future.exception() is None:
-                    output = ticket.future.result()
-                    generated += output.generated_tokens
-                    metrics.PROMPT_TOKENS.inc(len(ticket.request.prompt_tokens))
-                    if ticket.first_token_at is not None:
-                        metrics.TIME_TO_FIRST_TOKEN.observe(ticket.first_token_at - ticket.admitted_at)
-            metrics.GENERATED_TOKENS.inc(generated)
+            generated = sum(len(item.generated) for item in items) - generated_before
             metrics.BATCH_TOKENS.observe(generated)
+            metrics.GENERATED_TOKENS.inc(generated)
+            self._requeue_unfinished(batch)
         finally:
             elapsed = time.monotonic() - started
             metrics.ENGINE_SECONDS.observe(elapsed)
@@ -421,6 +514,21 @@ class Batcher:
             metrics.SLOTS_BUSY.set(self._busy)
             self._wake.set()
             self._check_idle()
+
+    def _requeue_unfinished(self, batch: Sequence[RequestStream]) -> None:
+        """Requests with chunks to go rejoin the queue at its head (they have waited already)."""
+        for ticket in reversed(batch):
+            ticket.running = False
+            if ticket.done:
+                continue
+            if ticket.cancelled:
+                ticket._fail(asyncio.CancelledError())
+                continue
+            if self._stopping:
+                ticket._fail(Draining())
+                continue
+            self._queue.appendleft(ticket)
+        metrics.QUEUE_DEPTH.set(len(self._queue))
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -440,7 +548,7 @@ class Batcher:
         """Ends the consumer; anything still queued is failed with 503."""
         self._stopping = True
         for ticket in list(self._queue):
-            _fail(ticket, Draining())
+            ticket._fail(Draining())
         self._queue.clear()
         metrics.QUEUE_DEPTH.set(0)
         self._wake.set()

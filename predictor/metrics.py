@@ -96,11 +96,13 @@ REQUEST_SECONDS = Histogram(
 )
 TIME_TO_FIRST_TOKEN = Histogram(
     "ferry_time_to_first_token_seconds",
-    "Time from admission to the first generated token of a request.",
+    "Time from admission to the first generated token of a streamed request.",
     buckets=LATENCY_BUCKETS,
 )
 PROMPT_TOKENS = Counter("ferry_prompt_tokens", "Prompt tokens of computed requests.")
-GENERATED_TOKENS = Counter("ferry_generated_tokens", "Tokens generated and returned to clients.")
+GENERATED_TOKENS = Counter(
+    "ferry_generated_tokens", "Tokens the engine generated (every computed request, cancelled ones included)."
+)
 BATCH_TOKENS = Histogram(
     "ferry_batch_generated_tokens",
     "Tokens generated per batch (engine call).",

@@ -4,21 +4,19 @@ is what every other route (/generate, OpenAI) calls."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from typing import Any
 
 import kserve
 from kserve import InferRequest, InferResponse
 
 from predictor import metrics
-from predictor.batcher import Batcher, BatcherError, Draining, GenerationRequest
+from predictor.batcher import Batcher, BatcherError, Draining, GenerationRequest, RequestStream
 from predictor.engine import CTranslate2Engine, Engine, EngineOutput, LatencyModel, SimulatedEngine
 from predictor.protocols import v1, v2
-from predictor.protocols.errors import from_batcher_error, outcome_of
+from predictor.protocols.errors import outcome_of, serving_error
 from predictor.protocols.requests import Limits
 from predictor.settings import Settings
 
@@ -39,9 +37,31 @@ def build_engine(settings: Settings) -> Engine:
         device=settings.device,
         device_index=settings.device_index,
         compute_type=settings.compute_type,
-        inter_threads=settings.inter_threads,
-        intra_threads=settings.intra_threads,
+        inter_threads=None if settings.inter_threads == "auto" else settings.inter_threads,
+        intra_threads=None if settings.intra_threads == "auto" else settings.intra_threads,
     )
+
+
+class Observed:
+    """One request's ferry_requests_total{protocol, outcome} and duration (a plain context
+    manager: it runs on every request)."""
+
+    __slots__ = ("protocol", "started")
+
+    def __init__(self, protocol: str) -> None:
+        self.protocol = protocol
+        self.started = time.monotonic()
+
+    def __enter__(self) -> Observed:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, _tb: object) -> None:
+        self.record(error if error is not None else (kind() if kind is not None else None))
+
+    def record(self, error: BaseException | None) -> None:
+        outcome = "ok" if error is None else outcome_of(error)
+        metrics.REQUESTS.labels(self.protocol, outcome).inc()
+        metrics.REQUEST_SECONDS.labels(self.protocol).observe(time.monotonic() - self.started)
 
 
 class FerryModel(kserve.Model):
@@ -66,8 +86,25 @@ class FerryModel(kserve.Model):
                 info.kind.upper(),
                 self.settings.model_dir if info.kind != "simulated" else "SimulatedEngine",
             )
+        log.info(
+            "engine: %s on %s (%s), %d slot(s) x %s thread(s)%s",
+            info.kind,
+            info.device,
+            info.compute_type,
+            info.slots,
+            info.threads_per_slot or "auto",
+            f", a batch alone gets {info.lone_batch_threads} threads" if info.lone_batch_threads else "",
+        )
         metrics.MODEL_INFO.info(
-            {"name": info.name, "kind": info.kind, "device": info.device, "compute_type": info.compute_type}
+            {
+                "name": info.name,
+                "kind": info.kind,
+                "device": info.device,
+                "compute_type": info.compute_type,
+                "slots": str(info.slots),
+                "threads_per_slot": str(info.threads_per_slot),
+                "lone_batch_threads": str(info.lone_batch_threads),
+            }
         )
         self._generator = generator
         self._batcher = Batcher(
@@ -76,6 +113,7 @@ class FerryModel(kserve.Model):
             max_queue_size=self.settings.max_queue_size,
             max_batch_wait_s=self.settings.max_batch_wait_s,
             slots=self.settings.slots,
+            chunk_tokens=self.settings.chunk_tokens,
         )
         self.ready = True
         return self.ready
@@ -119,47 +157,36 @@ class FerryModel(kserve.Model):
         try:
             if len(requests) == 1:
                 return [await batcher.generate(requests[0])]
-            tasks = [asyncio.ensure_future(batcher.generate(r)) for r in requests]
+            streams: list[RequestStream] = []
             try:
-                return list(await asyncio.gather(*tasks))
+                for request in requests:  # submitted together, so they can share a batch
+                    streams.append(batcher.submit(request))
+                return [await stream.result() for stream in streams]
             except BaseException:
-                for task in tasks:
-                    task.cancel()
+                for stream in streams:
+                    stream.close()
                 raise
         except BatcherError as exc:
-            raise from_batcher_error(exc, self.settings.retry_after_s) from None
+            raise serving_error(exc, self.settings.retry_after_s) from None
 
-    @asynccontextmanager
-    async def observe(self, protocol: str) -> AsyncIterator[None]:
-        """Counts one request by protocol and outcome and times it."""
-        started = time.monotonic()
-        outcome = "ok"
-        try:
-            yield
-        except asyncio.CancelledError:
-            outcome = "cancelled"
-            raise
-        except Exception as exc:
-            outcome = outcome_of(exc)
-            raise
-        finally:
-            metrics.REQUESTS.labels(protocol, outcome).inc()
-            metrics.REQUEST_SECONDS.labels(protocol).observe(time.monotonic() - started)
+    def observe(self, protocol: str) -> Observed:
+        """Counts one request by protocol and outcome and times it (`with model.observe(...)`)."""
+        return Observed(protocol)
 
     def check_accepting(self) -> None:
         if self.draining or not self.batcher.accepting:
-            raise from_batcher_error(Draining(), self.settings.retry_after_s)
+            raise serving_error(Draining(), self.settings.retry_after_s)
 
     async def predict(
         self, payload: dict[str, Any] | InferRequest, headers: dict[str, str] | None = None
     ) -> dict[str, Any] | InferResponse:
         if isinstance(payload, InferRequest):
-            async with self.observe("grpc" if payload.from_grpc else "v2"):
+            with self.observe("grpc" if payload.from_grpc else "v2"):
                 self.check_accepting()
                 requests = v2.parse(payload, self.generator, self.limits)
                 outputs = await self.generate(requests)
                 return v2.response(payload, self.name, outputs)
-        async with self.observe("v1"):
+        with self.observe("v1"):
             self.check_accepting()
             requests = v1.parse(payload, self.generator, self.limits)
             return v1.response(await self.generate(requests))
@@ -180,6 +207,9 @@ class FerryModel(kserve.Model):
             "source": info.source,
             "device": info.device,
             "compute_type": info.compute_type,
+            "slots": info.slots,
+            "threads_per_slot": info.threads_per_slot,
+            "lone_batch_threads": info.lone_batch_threads,
             "max_batch_size": self.settings.max_batch_size,
             "max_new_tokens_limit": self.settings.max_new_tokens_limit,
             "max_prompt_tokens": self.settings.max_prompt_tokens,

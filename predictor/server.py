@@ -1,8 +1,8 @@
 """KServe's ModelServer, with what ferry adds around it:
 
-- its own routes on KServe's FastAPI app (/generate, model metadata that says which weights
-  are served), an exception handler for ferry's status-carrying errors, and an ASGI middleware
-  that enforces the body-size limit and cancels a request whose client went away;
+- its HTTP front (`predictor.front`): the hot routes (/generate, V1 predict, OpenAI
+  completions) served without FastAPI's layers, the body-size limit and disconnect handling
+  for every route; model metadata that says which weights are served on KServe's app;
 - the bind address (KServe hard-codes 0.0.0.0 / [::]; tests bind 127.0.0.1);
 - a drain phase on SIGTERM: not ready and refusing new work at once, admitted work finishes
   within the grace period, then KServe's own shutdown runs and the process exits 0.
@@ -28,105 +28,20 @@ from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor
 from kserve.protocol.grpc.server import GRPCServer
 from kserve.protocol.grpc.servicer import InferenceServicer
 from kserve.protocol.rest.server import RESTServer
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
+from predictor.front import Front, Route
+from predictor.front.app import plain_error
 from predictor.model import FerryModel
-from predictor.protocols import generate
-from predictor.protocols.errors import ServingError, serving_error_handler
+from predictor.protocols import generate, openai
+from predictor.protocols.errors import OVERLOADED, InvalidRequest, ServingError
 from predictor.settings import Settings
 
 log = logging.getLogger("ferry.server")
 
 
-class BodyTooLarge(Exception):
-    pass
-
-
-class RequestGuard:
-    """ASGI middleware: 413 for bodies over the limit (before reading them when Content-Length
-    says so), and cancellation of the handler when the client disconnects, so a request whose
-    client is gone is dropped from the queue or stops costing compute."""
-
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
-        self.app = app
-        self.max_body_bytes = max_body_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        for name, value in scope.get("headers", ()):
-            if name == b"content-length" and value.isdigit() and int(value) > self.max_body_bytes:
-                await self._too_large(send, int(value))
-                return
-
-        body_done = asyncio.Event()
-        received = 0
-        started = False
-
-        async def guarded_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_body_bytes:
-                    raise BodyTooLarge()
-                if not message.get("more_body", False):
-                    body_done.set()
-            return message
-
-        async def tracked_send(message: Message) -> None:
-            nonlocal started
-            started = True
-            await send(message)
-
-        handler = asyncio.ensure_future(self.app(scope, guarded_receive, tracked_send))
-        watcher = asyncio.ensure_future(self._watch_disconnect(body_done, receive, handler))
-        try:
-            await handler
-        except BodyTooLarge:
-            if not started:
-                await self._too_large(send, received)
-        except asyncio.CancelledError:
-            if not watcher.done() or not watcher.result():
-                raise  # cancelled from outside (shutdown), not by a disconnect
-        finally:
-            watcher.cancel()
-
-    @staticmethod
-    async def _watch_disconnect(
-        body_done: asyncio.Event, receive: Receive, handler: asyncio.Future[None]
-    ) -> bool:
-        await body_done.wait()
-        message = await receive()
-        if message["type"] == "http.disconnect" and not handler.done():
-            handler.cancel()
-            return True
-        return False
-
-    async def _too_large(self, send: Send, size: int) -> None:
-        body = orjson.dumps({"error": f"body: {size} bytes is over the limit of {self.max_body_bytes} bytes"})
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
-
-
 def register_routes(app: FastAPI, model: FerryModel) -> None:
-    """ferry's own routes, registered before KServe's so they take precedence where paths meet."""
-
-    @app.post("/generate")
-    async def generate_route(request: Request) -> JSONResponse:
-        async with model.observe("generate"):
-            model.check_accepting()
-            payload = await _json_body(request)
-            req = generate.parse(payload, model.generator, model.limits)
-            (output,) = await model.generate([req])
-            return JSONResponse(generate.response(output))
+    """ferry's routes on KServe's FastAPI app (the hot ones are served by the front)."""
 
     @app.get(f"/v2/models/{model.name}")
     async def model_metadata() -> dict[str, Any]:
@@ -140,17 +55,47 @@ def register_routes(app: FastAPI, model: FerryModel) -> None:
             "parameters": model.model_parameters(),
         }
 
-    from predictor.protocols.openai import register_openai_routes  # /openai/v1/...
-
-    register_openai_routes(app, model)
-    app.add_exception_handler(ServingError, serving_error_handler)
-    app.add_middleware(RequestGuard, max_body_bytes=model.settings.max_body_bytes)
+    openai.register_model_routes(app, model)
+    app.add_exception_handler(ServingError, _serving_error_handler)
 
 
-async def _json_body(request: Request) -> Any:
-    from predictor.protocols.errors import InvalidRequest
+async def _serving_error_handler(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ServingError)
+    status, body = plain_error(exc)
+    headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s else None
+    return JSONResponse(body, status_code=status, headers=headers)
 
-    body = await request.body()
+
+def front_routes(model: FerryModel) -> dict[tuple[str, str], Route]:
+    """The hot routes, served without FastAPI's layers (same bodies, statuses and metrics)."""
+
+    async def generate_route(body: bytes) -> dict[str, Any]:
+        with model.observe("generate"):
+            model.check_accepting()
+            request = generate.parse(_json(body), model.generator, model.limits)
+            (output,) = await model.generate([request])
+            return generate.response(output)
+
+    async def v1_route(body: bytes) -> dict[str, Any]:
+        if not model.ready:
+            raise ServingError(f"Model with name {model.name} is not ready.", OVERLOADED, model.settings.retry_after_s)
+        answer = await model.predict(_json(body))
+        assert isinstance(answer, dict)
+        return answer
+
+    async def openai_route(body: bytes) -> Any:
+        return await openai.completions(model, body)
+
+    return {
+        ("POST", "/generate"): Route(generate_route),
+        ("POST", f"/v1/models/{model.name}:predict"): Route(v1_route),
+        ("POST", f"{openai.DEFAULT_PREFIX}/v1/completions"): Route(
+            openai_route, openai.error_status_and_body, "openai", model.observe
+        ),
+    }
+
+
+def _json(body: bytes) -> Any:
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -238,8 +183,10 @@ class FerryModelServer(kserve.ModelServer):
                 "process); scale with pods, not --workers"
             )
         ferry_models = [m for m in models if isinstance(m, FerryModel)]
+        routes: dict[tuple[str, str], Route] = {}
         for model in ferry_models:
             register_routes(kserve_app, model)
+            routes.update(front_routes(model))
         self._register_and_check_atleast_one_model_is_ready(models)
         rest = RESTServer(
             "kserve.model_server:app",
@@ -253,6 +200,12 @@ class FerryModelServer(kserve.ModelServer):
             timeout_keep_alive=self.timeout_keep_alive,
         )
         rest.config.host = self.settings.host
+        rest.config.app = Front(
+            kserve_app,
+            routes,
+            max_body_bytes=self.settings.max_body_bytes,
+            retry_after_s=self.settings.retry_after_s,
+        )
         # Past this many connections or requests uvicorn answers 503 without calling the app:
         # under overload the excess never queues in the parser where no deadline applies.
         rest.config.limit_concurrency = self.settings.max_connections

@@ -11,9 +11,9 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import BeforeValidator, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 KSERVE_MODEL_MOUNT = Path("/mnt/models")
@@ -23,6 +23,23 @@ LOCAL_MODEL_DIR = Path("models/opt-125m")
 def default_model_dir() -> Path:
     """KServe's storage-initializer convention in a pod, the `make` build output locally."""
     return KSERVE_MODEL_MOUNT if KSERVE_MODEL_MOUNT.is_dir() else LOCAL_MODEL_DIR
+
+
+def _thread_count(value: Any) -> int | str:
+    """`auto`, or a positive integer; 0 (CTranslate2's own "choose for me") means auto."""
+    if isinstance(value, str):
+        value = value.strip().lower()
+        if value == "auto":
+            return value
+        if not value.isdigit():
+            raise ValueError(f"must be auto or an integer from 1 to 256, got {value!r}")
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 256:
+        raise ValueError(f"must be auto or an integer from 1 to 256, got {value!r}")
+    return "auto" if value == 0 else value
+
+
+ThreadCount = Annotated[Literal["auto"] | int, BeforeValidator(_thread_count)]
 
 
 class Settings(BaseSettings):
@@ -37,8 +54,14 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when CTranslate2 sees a GPU")
     device_index: int = Field(0, ge=0, description="GPU index when device is cuda")
     compute_type: str = Field("auto", description="auto: int8_float16 on GPU, int8 on CPU")
-    inter_threads: int = Field(1, ge=1, le=64, description="CTranslate2 batches run at once (engine slots)")
-    intra_threads: int = Field(0, ge=0, le=256, description="threads per batch; 0 lets CTranslate2 choose")
+    inter_threads: ThreadCount = Field(
+        "auto",
+        description="CTranslate2 batches run at once (engine slots); auto: 2 on CPU (each with half the "
+        "cores, plus an all-core generator for a batch that runs alone), 1 on GPU",
+    )
+    intra_threads: ThreadCount = Field(
+        "auto", description="threads per batch; auto: the cores split between the slots"
+    )
 
     # --- batcher ----------------------------------------------------------------------
     max_batch_size: int = Field(50, ge=1, le=1024, description="most requests in one engine call")
@@ -50,6 +73,13 @@ class Settings(BaseSettings):
     )
     slots: int = Field(0, ge=0, le=64, description="engine calls in flight; 0 = the engine's concurrency")
     max_queue_size: int = Field(512, ge=1, le=100_000, description="waiting requests before 503")
+    chunk_tokens: int = Field(
+        16,
+        ge=0,
+        le=2048,
+        description="an engine call runs at most max(its shortest request, chunk_tokens) steps; longer "
+        "requests continue in the queue, so they never hold short ones hostage; 0 = off",
+    )
 
     # --- request limits ---------------------------------------------------------------
     default_max_new_tokens: int = Field(16, ge=1, description="when a request names none")

@@ -6,7 +6,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from predictor.engine import EngineItem, EngineOutput, GenerationListener, ModelInfo, Sampling
+from predictor.engine import EngineItem, GenerationListener, ModelInfo, Sampling, _SequenceTracker
 
 WAIT_S = 10.0  # upper bound for any event wait; a test that needs it has failed
 
@@ -16,6 +16,7 @@ class Call:
     items: list[EngineItem]
     sampling: Sampling
     hold_at_step: int
+    alone: bool = False
     started: threading.Event = field(default_factory=threading.Event)
     held: threading.Event = field(default_factory=threading.Event)
     release: threading.Event = field(default_factory=threading.Event)
@@ -36,6 +37,7 @@ class GatedEngine:
         self.concurrency = concurrency
         self.hold_at_step = hold_at_step
         self.info = ModelInfo(name="fake", kind="tiny", device="cpu", compute_type="none")
+        self.tokenizer = self  # the batcher decodes text through engine.tokenizer.decode
         self.calls: list[Call] = []
         self.call_started = threading.Condition()
         self.fail_calls: set[int] = set()
@@ -54,17 +56,23 @@ class GatedEngine:
             )
             return self.calls[:n]
 
+    def decode(self, tokens: Sequence[str]) -> str:
+        return " ".join(tokens)
+
     def generate(
-        self, items: Sequence[EngineItem], sampling: Sampling, listener: GenerationListener
+        self,
+        items: Sequence[EngineItem],
+        sampling: Sampling,
+        listener: GenerationListener,
+        alone: bool = False,
     ) -> None:
-        call = Call(list(items), sampling, self.hold_at_step)
+        call = Call(list(items), sampling, self.hold_at_step, alone)
         with self.call_started:
             number = len(self.calls)
             self.calls.append(call)
             self.call_started.notify_all()
         call.started.set()
-        tokens: list[list[str]] = [[] for _ in items]
-        done = [False] * len(items)
+        tracker = _SequenceTracker(items, listener, self.decode)
         longest = max(item.max_new_tokens for item in items)
         try:
             for step in range(longest):
@@ -74,16 +82,12 @@ class GatedEngine:
                 if number in self.fail_calls:
                     raise RuntimeError(f"injected failure in call {number}")
                 for i, item in enumerate(items):
-                    if done[i]:
-                        continue
-                    token = f"{item.prompt_tokens[-1]}{step}"
-                    tokens[i].append(token)
-                    stop = listener.on_token(i, token)
-                    if stop or len(tokens[i]) >= item.max_new_tokens:
-                        done[i] = True
-                        listener.on_done(i, EngineOutput(" ".join(tokens[i]), tokens[i], stop))
+                    if not tracker.done[i]:
+                        tracker.step(i, f"{item.prompt_tokens[-1]}{len(item.generated)}")
+                listener.flush()
                 call.steps_run = step + 1
-                if all(done):
+                if all(tracker.done):
                     break
+            tracker.finish_all()
         finally:
             call.finished.set()

@@ -122,7 +122,7 @@ async def test_full_queue_rejects_at_once_and_never_queues(running: tuple[Batche
     engine.auto_release = True
     call.release.set()
     await first
-    results = await asyncio.gather(*(batcher.result(t) for t in queued))
+    results = await asyncio.gather(*(t.result() for t in queued))
     assert len(results) == 20
 
 

@@ -124,7 +124,8 @@ def test_values_after_a_few_requests(exposition: str) -> None:
     info = _families(exposition)["ferry_model_info"]
     assert [s.value for s in info.samples] == [1.0]
     assert info.samples[0].labels == {
-        "name": "opt-125m", "kind": "simulated", "device": "simulated", "compute_type": "none"
+        "name": "opt-125m", "kind": "simulated", "device": "simulated", "compute_type": "none",
+        "slots": "1", "threads_per_slot": "0", "lone_batch_threads": "0",
     }
 
 

@@ -143,7 +143,8 @@ def test_batching_does_not_change_answers(ferry: FerryProcess) -> None:
     r = httpx.post(url, json={"instances": [{"text": p, "max_new_tokens": 12} for p in PROMPTS]}, timeout=30)
     together = [p["generated_text"] for p in r.json()["predictions"]]
     total, batches = batch_sizes(ferry)
-    assert (total - before_sum, batches - before_count) == (len(PROMPTS), 1), "the prompts shared one batch"
+    # Submitted together, they share the engine's batches: one, or one per slot when two are free.
+    assert total - before_sum == len(PROMPTS) and batches - before_count <= 2, "the prompts shared batches"
     assert together == alone
     assert len(set(alone)) > 1, "different prompts give different answers (the test can fail)"
 

@@ -13,6 +13,7 @@ from fastapi import FastAPI, HTTPException
 
 from predictor.engine import (
     GREEDY,
+    Collect,
     CTranslate2Engine,
     Engine,
     EngineItem,
@@ -33,7 +34,7 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=["ctranslate2", "simulated"], default="ctranslate2")
     p.add_argument("--compute-type", default="auto")
     p.add_argument("--inter-threads", type=int, default=1)
-    p.add_argument("--intra-threads", type=int, default=0)
+    p.add_argument("--intra-threads", type=int, default=None)
     return p
 
 
@@ -47,19 +48,6 @@ def build_engine(args: argparse.Namespace) -> Engine:
         inter_threads=args.inter_threads,
         intra_threads=args.intra_threads,
     )
-
-
-class Collect:
-    """A GenerationListener that keeps each sequence's output (no streaming, no early answers)."""
-
-    def __init__(self, n: int) -> None:
-        self.outputs: list[EngineOutput | None] = [None] * n
-
-    def on_token(self, index: int, token: str) -> bool:
-        return False
-
-    def on_done(self, index: int, output: EngineOutput) -> None:
-        self.outputs[index] = output
 
 
 def run_batch(engine: Engine, items: Sequence[EngineItem]) -> list[EngineOutput]:

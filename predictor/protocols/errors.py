@@ -1,17 +1,19 @@
-"""Errors as values with a status, in one place: each maps to one HTTP status and one gRPC code.
+"""Every failure, mapped once: HTTP status, gRPC code, OpenAI error type and code, and the
+`outcome` label of ferry_requests_total. Protocols raise or receive these and look them up here.
 
 `ServingError` subclasses grpc_interceptor's GrpcException, so KServe's gRPC interceptor turns
-it into the right status code; ferry's REST exception handler turns it into the HTTP status
-(with Retry-After on 503).
+it into the right status code; ferry's HTTP front turns it into the HTTP status (with
+Retry-After on 503).
 """
 
 from __future__ import annotations
 
+import asyncio
+from dataclasses import dataclass
+
 from grpc import StatusCode
 from grpc_interceptor.exceptions import GrpcException
 from kserve.errors import InvalidInput
-from starlette.requests import Request
-from starlette.responses import JSONResponse
 
 from predictor import batcher
 
@@ -19,63 +21,76 @@ from predictor import batcher
 class InvalidRequest(InvalidInput):
     """A client mistake: 400 / INVALID_ARGUMENT. The message names the field and the limit."""
 
-    def __init__(self, field: str, problem: str) -> None:
+    def __init__(self, field: str, problem: str, *, status: int = 400) -> None:
         self.field = field
+        self.status = status
         super().__init__(f"{field}: {problem}")
 
 
-class ServingError(GrpcException):
-    http_status: int = 500
-    status_code: StatusCode = StatusCode.INTERNAL
-    retry_after_s: int | None = None
+@dataclass(frozen=True)
+class Failure:
+    http_status: int
+    grpc_code: StatusCode
+    openai_type: str
+    openai_code: str | None
+    outcome: str  # ferry_requests_total{outcome}
+    retry_after: bool = False
 
-    def __init__(self, details: str, retry_after_s: int | None = None) -> None:
+
+CLIENT_ERROR = Failure(400, StatusCode.INVALID_ARGUMENT, "invalid_request_error", None, "client_error")
+OVERLOADED = Failure(503, StatusCode.UNAVAILABLE, "server_error", "overloaded", "rejected", retry_after=True)
+TIMED_OUT = Failure(504, StatusCode.DEADLINE_EXCEEDED, "server_error", "timeout", "timeout")
+ENGINE_FAILED = Failure(500, StatusCode.INTERNAL, "server_error", "engine_error", "error")
+CANCELLED = Failure(499, StatusCode.CANCELLED, "server_error", "cancelled", "cancelled")
+INTERNAL = Failure(500, StatusCode.INTERNAL, "server_error", "internal_error", "error")
+
+# The batcher's outcomes, in the order they are looked up (first match wins).
+_BY_TYPE: tuple[tuple[type[BaseException], Failure], ...] = (
+    (InvalidInput, CLIENT_ERROR),
+    (batcher.QueueFull, OVERLOADED),
+    (batcher.Draining, OVERLOADED),
+    (batcher.Unavailable, OVERLOADED),
+    (batcher.DeadlineExceeded, TIMED_OUT),
+    (batcher.EngineFailed, ENGINE_FAILED),
+    (asyncio.CancelledError, CANCELLED),
+)
+
+
+def failure_of(error: BaseException) -> Failure:
+    if isinstance(error, ServingError):
+        return error.failure
+    for kind, failure in _BY_TYPE:
+        if isinstance(error, kind):
+            return failure
+    return INTERNAL
+
+
+class ServingError(GrpcException):
+    """A failure carrying its row of the table (status code for KServe's gRPC interceptor)."""
+
+    failure: Failure = INTERNAL
+
+    def __init__(self, details: str, failure: Failure = INTERNAL, retry_after_s: int | None = None) -> None:
+        self.failure = failure
+        self.status_code = failure.grpc_code
         super().__init__(details)
-        self.retry_after_s = retry_after_s
+        self.retry_after_s = retry_after_s if failure.retry_after else None
+
+    @property
+    def http_status(self) -> int:
+        return self.failure.http_status
 
     def __str__(self) -> str:
         return str(self.details)
 
 
-class Overloaded(ServingError):
-    http_status = 503
-    status_code = StatusCode.UNAVAILABLE
-
-
-class TimedOut(ServingError):
-    http_status = 504
-    status_code = StatusCode.DEADLINE_EXCEEDED
-
-
-class EngineError(ServingError):
-    http_status = 500
-    status_code = StatusCode.INTERNAL
-
-
-def from_batcher_error(error: batcher.BatcherError, retry_after_s: int) -> ServingError:
-    if isinstance(error, batcher.QueueFull | batcher.Draining | batcher.Unavailable):
-        return Overloaded(str(error), retry_after_s)
-    if isinstance(error, batcher.DeadlineExceeded):
-        return TimedOut(str(error))
-    return EngineError(str(error))
+def serving_error(error: BaseException, retry_after_s: int) -> ServingError:
+    """The batcher's error as a ServingError (what KServe's gRPC and REST layers can carry)."""
+    if isinstance(error, ServingError):
+        return error
+    return ServingError(str(error), failure_of(error), retry_after_s)
 
 
 def outcome_of(error: BaseException) -> str:
     """The closed `outcome` label value for ferry_requests_total."""
-    if isinstance(error, InvalidInput):
-        return "client_error"
-    if isinstance(error, Overloaded):
-        return "rejected"
-    if isinstance(error, TimedOut):
-        return "timeout"
-    return "error"
-
-
-def error_response(error: ServingError) -> JSONResponse:
-    headers = {"Retry-After": str(error.retry_after_s)} if error.retry_after_s else None
-    return JSONResponse({"error": str(error)}, status_code=error.http_status, headers=headers)
-
-
-async def serving_error_handler(_: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, ServingError)
-    return error_response(exc)
+    return failure_of(error).outcome

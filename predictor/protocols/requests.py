@@ -90,7 +90,8 @@ def build_request(
     field: str,
     timeout_s: float | None = None,
     sampling: Sampling = GREEDY,
-    stream: bool = False,
+    incremental: bool = False,
+    stop: tuple[str, ...] = (),
 ) -> GenerationRequest:
     tokens = engine.tokenize(text)
     if len(tokens) > limits.max_prompt_tokens:
@@ -108,5 +109,6 @@ def build_request(
         max_new_tokens=max_new_tokens,
         sampling=sampling,
         timeout_s=timeout_s if timeout_s is not None else limits.request_timeout_s,
-        stream=stream,
+        incremental=incremental,
+        stop=stop,
     )

@@ -1,0 +1,182 @@
+"""The front ASGI app: ferry's hot routes served directly, the rest handed to FastAPI."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterable, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from predictor.front.disconnect import Watch, install
+from predictor.protocols.errors import InvalidRequest, failure_of
+
+log = logging.getLogger("ferry.front")
+
+Handler = Callable[[bytes], Awaitable[Any]]  # a dict (JSON answer) or an async iterable of SSE chunks
+ErrorBody = Callable[[BaseException], tuple[int, dict[str, Any]]]
+JSON = [(b"content-type", b"application/json")]
+SSE = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+
+
+def plain_error(error: BaseException) -> tuple[int, dict[str, Any]]:
+    """{"error": message} with the status from the failure table (KServe's REST shape)."""
+    if isinstance(error, InvalidRequest):
+        return error.status, {"error": str(error)}
+    failure = failure_of(error)
+    if failure.outcome == "error" and failure.openai_code == "internal_error":
+        log.error("unexpected error serving a request", exc_info=error)
+        return failure.http_status, {"error": f"internal error: {type(error).__name__}"}
+    return failure.http_status, {"error": str(error)}
+
+
+@dataclass(frozen=True)
+class Route:
+    handle: Handler
+    error_body: ErrorBody = plain_error
+    protocol: str | None = None  # counted here (streams outlive the handler); None: by the handler
+    observe: Callable[[str], Any] | None = None
+
+
+class BodyTooLarge(Exception):
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"body: {size} bytes is over the limit of {limit} bytes")
+
+
+class _ClientGone(asyncio.CancelledError):
+    """The client went away while its body was being read."""
+
+
+class Front:
+    def __init__(
+        self,
+        fallback: ASGIApp,
+        routes: dict[tuple[str, str], Route],
+        *,
+        max_body_bytes: int,
+        retry_after_s: int,
+    ) -> None:
+        install()
+        self.fallback = fallback
+        self.routes = routes
+        self.max_body_bytes = max_body_bytes
+        self.retry_after = str(retry_after_s).encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.fallback(scope, receive, send)
+            return
+        declared = _content_length(scope)
+        if declared is not None and declared > self.max_body_bytes:
+            await self._send_json(send, 413, {"error": str(BodyTooLarge(declared, self.max_body_bytes))})
+            return
+        route = self.routes.get((scope["method"], scope["path"]))
+        task = asyncio.current_task()
+        assert task is not None
+        gone = False
+
+        def on_disconnect() -> None:
+            nonlocal gone
+            gone = True
+            task.cancel()
+
+        watch = Watch(receive, on_disconnect)
+        try:
+            if route is None:
+                await self._fallback(scope, receive, send)
+            else:
+                await self._serve(route, receive, send)
+        except asyncio.CancelledError as exc:
+            if gone:
+                task.uncancel()
+            elif not isinstance(exc, _ClientGone):
+                raise  # cancelled from outside (shutdown), not by a disconnect
+        finally:
+            watch.stop()
+
+    async def _fallback(self, scope: Scope, receive: Receive, send: Send) -> None:
+        received = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_body_bytes:
+                raise BodyTooLarge(received, self.max_body_bytes)
+            return message
+
+        async def tracked_send(message: Message) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
+        try:
+            await self.fallback(scope, limited_receive, tracked_send)
+        except BodyTooLarge as exc:
+            if not started:
+                await self._send_json(send, 413, {"error": str(exc)})
+
+    async def _serve(self, route: Route, receive: Receive, send: Send) -> None:
+        observed = route.observe(route.protocol) if route.observe and route.protocol else None
+        error: BaseException | None = None
+        try:
+            body = await self._read_body(receive)
+            answer = await route.handle(body)
+            if isinstance(answer, dict):
+                await self._send_json(send, 200, answer)
+            else:
+                await self._send_events(send, answer)
+                error = getattr(answer, "error", None)
+        except asyncio.CancelledError as exc:
+            error = exc
+            raise
+        except Exception as exc:
+            error = exc
+            status, payload = route.error_body(exc)
+            retry = failure_of(exc).retry_after
+            await self._send_json(send, status, payload, retry_after=retry)
+        finally:
+            if observed is not None:
+                observed.record(error)
+
+    async def _read_body(self, receive: Receive) -> bytes:
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _ClientGone()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                limit = self.max_body_bytes
+                raise InvalidRequest("body", f"{size} bytes is over the limit of {limit} bytes", status=413)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def _send_json(self, send: Send, status: int, payload: Any, *, retry_after: bool = False) -> None:
+        body = orjson.dumps(payload)
+        headers = [*JSON, (b"content-length", str(len(body)).encode())]
+        if retry_after:
+            headers.append((b"retry-after", self.retry_after))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    @staticmethod
+    async def _send_events(send: Send, chunks: AsyncIterable[bytes]) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": SSE})
+        async for chunk in chunks:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            return int(value) if value.isdigit() else None
+    return None

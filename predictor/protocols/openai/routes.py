@@ -1,0 +1,83 @@
+"""OpenAI routes: POST completions (served by ferry's HTTP front, see `predictor.front`) and
+the model list (on KServe's FastAPI app)."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from fastapi import FastAPI
+from starlette.responses import JSONResponse
+
+from predictor.protocols.openai.responses import Envelope, error_status_and_body
+from predictor.protocols.openai.schema import OpenAIError, model_not_found, parse_completion
+from predictor.protocols.openai.serving import Completion, CompletionStream, choice
+from predictor.protocols.requests import build_request, check_count, check_max_new_tokens, check_text
+
+if TYPE_CHECKING:
+    from predictor.model import FerryModel
+
+
+def _default_prefix() -> str:
+    prefix = os.environ.get("KSERVE_OPENAI_ROUTE_PREFIX", "/openai").strip()
+    return "/" + prefix.strip("/") if prefix.strip("/") else ""
+
+
+DEFAULT_PREFIX = _default_prefix()
+
+
+def model_card(model: FerryModel) -> dict[str, Any]:
+    return {"id": model.name, "object": "model", "created": 0, "owned_by": "ferry"}
+
+
+def register_model_routes(app: FastAPI, model: FerryModel, prefix: str = DEFAULT_PREFIX) -> None:
+    @app.get(f"{prefix}/v1/models", response_model=None)
+    async def list_models() -> JSONResponse:
+        return JSONResponse({"object": "list", "data": [model_card(model)]})
+
+    @app.get(f"{prefix}/v1/models/{{model_id:path}}", response_model=None)
+    async def retrieve_model(model_id: str) -> JSONResponse:
+        if model_id != model.name:
+            status, body = error_status_and_body(model_not_found(model_id))
+            return JSONResponse(body, status_code=status)
+        return JSONResponse(model_card(model))
+
+
+async def completions(model: FerryModel, raw_body: bytes) -> dict[str, Any] | CompletionStream:
+    """POST /v1/completions: the JSON answer, or the event stream the caller then sends."""
+    model.check_accepting()
+    try:
+        payload = orjson.loads(raw_body)
+    except orjson.JSONDecodeError as exc:
+        raise OpenAIError(f"The request body is not valid JSON ({exc}).") from None
+    body = parse_completion(payload)
+    if body.model != model.name:
+        raise model_not_found(body.model)
+    limits = model.limits
+    prompts = body.prompts
+    check_count(len(prompts), "prompt", limits)
+    max_tokens = check_max_new_tokens(body.max_tokens, "max_tokens", limits)
+    sampling = body.sampling()
+    requests = []
+    for i, text in enumerate(prompts):
+        field = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
+        requests.append(
+            build_request(
+                model.generator,
+                check_text(text, field),
+                max_tokens,
+                limits,
+                field=field,
+                sampling=sampling,
+                incremental=body.stream,
+                stop=body.stops,
+            )
+        )
+    envelope = Envelope(model.name)
+    if not body.stream:
+        outputs = await model.generate(requests)
+        choices = [choice(i, r, o) for i, (r, o) in enumerate(zip(requests, outputs, strict=True))]
+        return envelope.completion(choices)
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
+    return CompletionStream(Completion(model.batcher, requests), envelope, include_usage)

@@ -1,0 +1,175 @@
+"""OpenAI completions: the request schema and client errors in OpenAI's shape."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kserve.errors import InvalidInput
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from predictor.engine import GREEDY, Sampling
+
+MAX_STOP_SEQUENCES = 4  # OpenAI's limit
+
+
+# ---- errors ------------------------------------------------------------------------------
+
+
+class OpenAIError(InvalidInput):
+    """A client mistake (4xx) in OpenAI's terms. An InvalidInput, so ferry's metrics count it
+    as a client error."""
+
+    def __init__(
+        self, message: str, *, status: int = 400, param: str | None = None, code: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.param = param
+        self.code = code
+
+
+def error_body(
+    message: str,
+    *,
+    type: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def from_validation_error(error: ValidationError) -> OpenAIError:
+    first = error.errors()[0]
+    param = ".".join(str(part) for part in first["loc"]) or None
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        return OpenAIError(f"Unrecognized request argument supplied: {param}", param=param)
+    if kind == "missing":
+        return OpenAIError(f"You must provide a {param} parameter.", param=param)
+    message = first["msg"].removeprefix("Value error, ")
+    if "input" in first and kind != "value_error":
+        message = f"{message}, got {first['input']!r}"
+    return OpenAIError(f"{param}: {message}", param=param)
+
+
+# ---- the request -------------------------------------------------------------------------
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    include_usage: bool = False
+
+
+class CompletionRequest(BaseModel):
+    """POST /v1/completions. Strict: wrong types are 400s, never coerced; unknown fields too."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str
+    prompt: Any
+    max_tokens: int | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1)  # not OpenAI's; vLLM's extension (extra_body)
+    n: int | None = None
+    best_of: int | None = None
+    stop: Any = Field(None, validate_default=True)
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    logprobs: int | None = None
+    echo: bool = False
+    suffix: str | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None  # accepted and ignored, as it carries no generation setting
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, value: Any) -> list[str]:
+        if isinstance(value, str):
+            return [value]
+        if isinstance(value, list) and all(isinstance(item, str) for item in value):
+            return list(value)
+        if (
+            isinstance(value, list)
+            and value
+            and all(isinstance(item, int | list) for item in value)
+        ):
+            raise ValueError("token-id prompts are not supported; send text")
+        raise ValueError(f"must be a string or a list of strings, got {type(value).__name__}")
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, value: Any) -> tuple[str, ...]:
+        if value is None:
+            return ()
+        stops = [value] if isinstance(value, str) else value
+        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+            raise ValueError("must be a string or a list of strings")
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(stops)}")
+        if any(not s for s in stops):
+            raise ValueError("stop sequences must not be empty strings")
+        return tuple(dict.fromkeys(stops))
+
+    @property
+    def prompts(self) -> list[str]:
+        return list(self.prompt)
+
+    @property
+    def stops(self) -> tuple[str, ...]:
+        return tuple(self.stop)
+
+    def check_supported(self) -> None:
+        """OpenAI parameters ferry accepts only at their neutral value: a clear 400 otherwise."""
+        unsupported: list[tuple[str, bool, str]] = [
+            ("n", self.n not in (None, 1), "only n = 1 is supported (send a list of prompts)"),
+            ("best_of", self.best_of not in (None, 1), "only best_of = 1 is supported"),
+            ("logprobs", self.logprobs is not None, "logprobs are not supported"),
+            ("echo", self.echo, "echo is not supported"),
+            ("suffix", self.suffix is not None, "suffix (insertion) is not supported"),
+            ("presence_penalty", self.presence_penalty not in (None, 0), "only 0 is supported"),
+            ("frequency_penalty", self.frequency_penalty not in (None, 0), "only 0 is supported"),
+            ("logit_bias", bool(self.logit_bias), "logit_bias is not supported"),
+            (
+                "stream_options",
+                self.stream_options is not None and not self.stream,
+                "stream_options is only allowed when stream is true",
+            ),
+        ]
+        for param, bad, message in unsupported:
+            if bad:
+                raise OpenAIError(f"{param}: {message}", param=param)
+
+    def sampling(self) -> Sampling:
+        """temperature 0 (or top_k 1) is greedy, which every greedy request shares a batch with.
+        Otherwise sample: OpenAI's defaults temperature 1 and top_p 1, top_k unlimited unless
+        given. `seed` is accepted but not part of the settings (see docs/openai.md)."""
+        temperature = 1.0 if self.temperature is None else self.temperature
+        top_k = 0 if self.top_k in (None, -1) else self.top_k
+        if temperature == 0 or top_k == 1:
+            return GREEDY
+        top_p = 1.0 if self.top_p is None else self.top_p
+        return Sampling(temperature=temperature, top_k=top_k, top_p=top_p)
+
+
+def parse_completion(payload: Any) -> CompletionRequest:
+    if not isinstance(payload, dict):
+        raise OpenAIError("The request body must be a JSON object.")
+    try:
+        request = CompletionRequest.model_validate(payload)
+    except ValidationError as exc:
+        raise from_validation_error(exc) from None
+    request.check_supported()
+    return request
+
+
+
+
+def model_not_found(name: str) -> OpenAIError:
+    return OpenAIError(
+        f"The model `{name}` does not exist.", status=404, param="model", code="model_not_found"
+    )
