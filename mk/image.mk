@@ -109,3 +109,10 @@ image-cuda: image-base wheelhouse-cuda  ## CUDA variant for GPU nodes
 image-test: image $(VENV)/.stamp-dev $(TINY_MODEL_DIR)/model.bin
 	$(PY) deploy/image_test.py --container $(CONTAINER) --image $(IMAGE):$(IMAGE_TAG) \
 	  --model-dir $(TINY_MODEL_DIR) --http-port $(IMAGE_TEST_PORT) --grpc-port $(IMAGE_TEST_GRPC_PORT)
+
+# One prepared check for a machine with an NVIDIA GPU (not part of `make test`): the offline model,
+# the engine ceiling, ferry with device auto + int8_float16 at 1 and 40 users, the KServe floor, one
+# summary, under 8 minutes. Exits 2 at once when no CUDA GPU is found.
+.PHONY: gpu-check
+gpu-check: $(VENV)/.stamp-dev
+	$(PY) tools/gpu_check.py --model-dir $(MODEL_DIR)
