@@ -2,7 +2,7 @@
 DEPLOY_TESTS := tests/test_chart.py tests/test_deploy_validate.py tests/test_deploy_manifests.py \
 	tests/test_deploy_smoke.py tests/test_deploy_image.py
 
-.PHONY: deploy-test validate-manifests chart-template
+.PHONY: deploy-test validate-manifests chart-template chart-readme
 # The image targets (image, image-cuda, image-test, wheelhouse, lock) are in mk/image.mk.
 
 deploy-test: $(VENV)/.stamp-dev $(TINY_MODEL_DIR)/model.bin  ## chart, manifests, validator, smoke, hadolint
@@ -16,3 +16,6 @@ chart-template: $(VENV)/.stamp-dev  ## print the chart rendered with VALUES (def
 	v = chart.load_values(chart.Path(sys.argv[1])); \
 	print("\n---\n".join(t for p, t in sorted(chart.render(v, name="ferry").items()) if not p.endswith("NOTES.txt")))' \
 	$(or $(VALUES),helm/ferry/ci/minimal-values.yaml)
+
+chart-readme: $(VENV)/.stamp-dev  ## regenerate the values table of helm/ferry/README.md from values.yaml
+	$(PY) -c 'from deploy import chart; chart.README.write_text(chart.readme_with_table(chart.README.read_text()))'

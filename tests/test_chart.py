@@ -586,3 +586,35 @@ def test_schema_rejects_bad_new_values(values: dict[str, Any]) -> None:
 
     with pytest.raises(helm_python.HelmValuesError):
         chart.render(values)
+
+
+# --------------------------------------------------------------------------- the chart README
+
+
+def test_chart_readme_values_table_is_generated_from_values_yaml() -> None:
+    text = chart.README.read_text()
+    assert chart.readme_with_table(text) == text, "run `make chart-readme`"
+    for key in ("podAnnotations", "podLabels", "priorityClassName", "topologySpreadConstraints",
+                "serviceAccount.create", "serviceAccount.name", "serviceAccount.annotations",
+                "serviceAccount.automount", "envFrom", "extraEnv", "extraVolumes", "extraVolumeMounts",
+                "image.digest", "inferenceService.annotations", "inferenceService.labels",
+                "servingRuntime.enabled", "networkPolicy.ingressGateway.namespace"):
+        assert f"| `{key}` |" in text, key
+
+
+def test_chart_readme_has_install_examples_and_upgrade_notes() -> None:
+    text = chart.README.read_text()
+    for heading in ("## Install", "### GPU example", "### CPU example", "## Values", "## Upgrading"):
+        assert f"\n{heading}\n" in text, heading
+
+
+@pytest.mark.parametrize("example", ["GPU example", "CPU example"])
+def test_chart_readme_examples_render_strictly_valid_objects(example: str) -> None:
+    section = chart.README.read_text().split(f"### {example}\n", 1)[1]
+    block = section.split("```yaml\n", 1)[1].split("```", 1)[0].replace("sha256:0123...", "sha256:" + "0" * 64)
+    values = yaml.safe_load(block)
+    objects = chart.render_objects(values, name="ferry")
+    problems = {kv.label(o): kv.validate_document(o, chart.KUBE_VERSION) for o in objects}
+    assert {k: v for k, v in problems.items() if v} == {}
+    env = env_of(container_of(isvc_of(objects)))
+    assert env["FERRY_DEVICE"] == ("cuda" if example.startswith("GPU") else "cpu")
