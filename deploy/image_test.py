@@ -140,7 +140,7 @@ def main() -> int:
         if not ok:
             logs = subprocess.run([args.container, "logs", name], capture_output=True, text=True)
             print((logs.stdout + logs.stderr)[-3000:], file=sys.stderr)
-        subprocess.run([args.container, "rm", "-f", "-t", "5", name], capture_output=True)
+        subprocess.run([args.container, "rm", "-f", name], capture_output=True)
     print(f"image-test: {'ok' if ok else 'FAILED'}")
     return 0 if ok else 1
 
