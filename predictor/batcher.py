@@ -141,8 +141,18 @@ class RequestStream:
 
     async def result(self) -> EngineOutput:
         """The final output (text deltas, if any, are skipped)."""
-        while not self.done:
-            await self._wait()
+        if not self.done:
+            self._waiter = waiter = self._loop.create_future()
+            try:
+                while not self.done:
+                    await waiter
+                    if not self.done:
+                        self._waiter = waiter = self._loop.create_future()
+            except asyncio.CancelledError:
+                self.close()
+                raise
+            finally:
+                self._waiter = None
         self._deltas.clear()
         if self.error is not None:
             raise self.error
@@ -201,6 +211,11 @@ class RequestStream:
         self._wake()
 
 
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 class _BatchListener:
     """Runs in the engine thread: collects a step's deltas and answers, and hands them to the
     event loop in one call per step (per batch when no sequence needs per-token work)."""
@@ -249,10 +264,11 @@ class GatherPolicy:
     answers come back as a burst; dispatching the burst's first arrival alone would split every
     later batch in two (1 + 39, then 20 + 20). So: `demand` is the peak number of requests in
     flight between dispatches (halved each dispatch when traffic falls); the target is demand
-    minus what the other slots are running. A window opens only when the queue holds under 3/4
-    of the target (waiting w <= T/4 then helps the latecomers more than it costs the queued) and
-    lasts at most a quarter of the measured batch time, capped by max_batch_wait_s. At idle the
-    target is the lone request itself: no wait, no timer.
+    minus what the other slots are running, shared by the free slots. A window opens when the
+    queue holds less than the target and closes the moment it is reached; it lasts at most a
+    quarter of the measured batch time T (the latecomers of a burst arrive within a millisecond
+    or two, and a wait w <= T/4 costs the queued less than a batch missing them), capped by
+    max_batch_wait_s. At idle the target is the lone request itself: no wait, no timer.
     """
 
     def __init__(self, max_wait_s: float, max_batch_size: int) -> None:
@@ -275,9 +291,9 @@ class GatherPolicy:
         # Several free slots share the expected demand: two batches of 20 beat one of 40 and an
         # idle slot.
         target = min(self.max_batch_size, math.ceil((self.demand - running) / max(free_slots, 1)))
-        if self.max_wait_s <= 0 or queued >= 0.75 * target:
+        if self.max_wait_s <= 0 or queued >= target:
             return target, 0.0
-        return target, min(self.max_wait_s, 0.25 * self.batch_seconds)
+        return target, min(self.max_wait_s, 0.5 * self.batch_seconds)
 
 
 class Batcher:
@@ -305,7 +321,7 @@ class Batcher:
         self._busy = 0
         self._wake = asyncio.Event()
         self._policy = GatherPolicy(max_batch_wait_s, max_batch_size)
-        self._enough = asyncio.Event()  # the queue reached the gathering target
+        self._enough: asyncio.Future[None] | None = None  # set when the queue reaches the target
         self._gather_target = max_batch_size + 1  # no gathering in progress
         self._running_requests = 0
         self._idle = asyncio.Event()
@@ -317,6 +333,9 @@ class Batcher:
         self._batch_size_metric = metrics.batch_size_histogram(max_batch_size)
         metrics.SLOTS_TOTAL.set(self.slots)
         metrics.QUEUE_CAPACITY.set(max_queue_size)
+        # Read when scraped, not written on every request.
+        metrics.QUEUE_DEPTH.set_function(lambda: len(self._queue))
+        metrics.IN_FLIGHT.set_function(lambda: self._in_flight)
 
     # ---- admission -------------------------------------------------------------------
 
@@ -341,12 +360,10 @@ class Batcher:
         self._in_flight += 1
         self._policy.observe_in_flight(self._in_flight)
         self._idle.clear()
-        metrics.IN_FLIGHT.inc()
-        metrics.QUEUE_DEPTH.set(len(self._queue))
         if self._busy < self.slots:
             self._wake.set()
-        if len(self._queue) >= self._gather_target:
-            self._enough.set()
+        if len(self._queue) >= self._gather_target and self._enough is not None:
+            _settle(self._enough)
         return ticket
 
     async def generate(self, request: GenerationRequest) -> EngineOutput:
@@ -368,12 +385,10 @@ class Batcher:
         if not ticket.running:
             with contextlib.suppress(ValueError):  # already taken or failed
                 self._queue.remove(ticket)
-            metrics.QUEUE_DEPTH.set(len(self._queue))
         ticket._fail(error)
 
     def _finished(self, ticket: RequestStream) -> None:
         self._in_flight -= 1
-        metrics.IN_FLIGHT.dec()
         self._check_idle()
 
     def _check_idle(self) -> None:
@@ -392,7 +407,6 @@ class Batcher:
                 for ticket in list(self._queue):
                     ticket._fail(Unavailable("internal batcher error, retry"))
                 self._queue.clear()
-                metrics.QUEUE_DEPTH.set(0)
 
     async def _consume(self) -> None:
         while not self._stopping:
@@ -410,13 +424,16 @@ class Batcher:
 
     async def _gather(self, target: int, window_s: float) -> None:
         """Waits at most window_s for the queue to reach target (see GatherPolicy)."""
+        loop = asyncio.get_running_loop()
         self._gather_target = target
-        self._enough.clear()
+        self._enough = enough = loop.create_future()
+        timer = loop.call_later(window_s, _settle, enough)
         try:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._enough.wait(), window_s)
+            await enough
         finally:
+            timer.cancel()
             self._gather_target = self.max_batch_size + 1
+            self._enough = None
 
     def _take_batch(self, limit: int | None = None) -> list[RequestStream]:
         """Up to `limit` (max_batch_size) live requests sharing the head's sampling settings."""
@@ -438,7 +455,6 @@ class Batcher:
                 kept.append(ticket)
         kept.extend(self._queue)
         self._queue = kept
-        metrics.QUEUE_DEPTH.set(len(self._queue))
         return taken
 
     def _dispatch(self, batch: list[RequestStream]) -> None:
@@ -446,7 +462,20 @@ class Batcher:
         self._busy += 1
         self._running_requests += len(batch)
         metrics.SLOTS_BUSY.set(self._busy)
-        task = asyncio.create_task(self._run_batch(batch, alone))
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        for ticket in batch:
+            ticket.running = True
+            metrics.QUEUE_SECONDS.observe(started - ticket.admitted_at)
+        self._batch_size_metric.observe(len(batch))
+        items = self._plan_call(batch)
+        listener = _BatchListener(loop, self._deliver, batch)
+        generated_before = sum(len(item.generated) for item in items)
+        # Submitted now, not from the task: the engine starts without waiting for a loop turn.
+        call = loop.run_in_executor(
+            self._executor, self.engine.generate, items, batch[0].request.sampling, listener, alone
+        )
+        task = asyncio.create_task(self._run_batch(batch, items, listener, call, started, generated_before))
         self._running_batches.add(task)
         task.add_done_callback(self._running_batches.discard)
 
@@ -477,20 +506,17 @@ class Batcher:
                 if ticket.first_token_at is not None and ticket.request.incremental:
                     metrics.TIME_TO_FIRST_TOKEN.observe(ticket.first_token_at - ticket.admitted_at)
 
-    async def _run_batch(self, batch: list[RequestStream], alone: bool) -> None:
-        loop = asyncio.get_running_loop()
-        started = time.monotonic()
-        for ticket in batch:
-            ticket.running = True
-            metrics.QUEUE_SECONDS.observe(started - ticket.admitted_at)
-        self._batch_size_metric.observe(len(batch))
-        items = self._plan_call(batch)
-        listener = _BatchListener(loop, self._deliver, batch)
-        generated_before = sum(len(item.generated) for item in items)
+    async def _run_batch(
+        self,
+        batch: list[RequestStream],
+        items: list[EngineItem],
+        listener: _BatchListener,
+        call: asyncio.Future[None],
+        started: float,
+        generated_before: int,
+    ) -> None:
         try:
-            await loop.run_in_executor(
-                self._executor, self.engine.generate, items, batch[0].request.sampling, listener, alone
-            )
+            await call
         except Exception as exc:
             log.error("engine failed on a batch of %d: %r", len(batch), exc)
             metrics.ENGINE_FAILURES.inc()
@@ -528,7 +554,6 @@ class Batcher:
                 ticket._fail(Draining())
                 continue
             self._queue.appendleft(ticket)
-        metrics.QUEUE_DEPTH.set(len(self._queue))
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -550,7 +575,6 @@ class Batcher:
         for ticket in list(self._queue):
             ticket._fail(Draining())
         self._queue.clear()
-        metrics.QUEUE_DEPTH.set(0)
         self._wake.set()
 
     def close(self) -> None:

@@ -197,6 +197,15 @@ class _SequenceTracker:
             self.finish(index, reason)
         return reason is not None
 
+    def complete(self, index: int, tokens: Sequence[str]) -> None:
+        """A sequence's tokens of this call, all at once (engines run without per-step callbacks
+        when no item needs them: no per-token Python while the batch runs)."""
+        if self.done[index]:
+            return
+        item = self.items[index]
+        item.generated.extend(tokens[: item.max_new_tokens])
+        self.finish(index, "length")
+
     def step_callback(self, index: int, token: str) -> bool:
         """`step` for engines that call back once per live sequence per step (CTranslate2):
         flushes when every sequence live at the step's start has been seen."""
@@ -365,9 +374,7 @@ class CTranslate2Engine:
         )
         if not per_step:
             for index, result in enumerate(results):
-                for token in result.sequences[0]:
-                    if tracker.step(index, token):
-                        break
+                tracker.complete(index, result.sequences[0])
         tracker.finish_all()
 
     def close(self) -> None:
@@ -434,28 +441,67 @@ class SimulatedEngine:
     ) -> None:
         tracker = _SequenceTracker(items, listener, self.tokenizer.decode)
         call = next(self._calls)
+        _precise_sleeps()
         words = [self.words_of(item.prompt_tokens) for item in items]
+        longest = max(item.max_new_tokens for item in items)
+        # Like CTranslate2Engine: per-step work only when an item needs it.
+        per_step = any(item.per_token or item.max_new_tokens != longest for item in items)
         with self._slots:
             deadline = time.monotonic() + self.latency.prefill_s
-            _sleep_until(deadline)
             if self.fail_every and call % self.fail_every == 0:
-                raise RuntimeError(f"injected fault in simulated batch {call}")
-            active = list(range(len(items)))
-            while active:
-                deadline += self.latency.step_s + self.latency.step_per_seq_s * len(active)
                 _sleep_until(deadline)
-                still = []
-                for i in active:
-                    item_words = words[i]
-                    token = item_words[len(items[i].generated) % len(item_words)]
-                    if not tracker.step(i, token):
-                        still.append(i)
-                active = still
-                listener.flush()
+                raise RuntimeError(f"injected fault in simulated batch {call}")
+            if not per_step:  # one sleep for the whole call: one wake-up's overshoot, not two
+                _sleep_until(deadline + longest * (self.latency.step_s + self.latency.step_per_seq_s * len(items)))
+                for i, item in enumerate(items):
+                    first, cycle = len(item.generated), words[i]
+                    tracker.complete(i, [cycle[(first + k) % len(cycle)] for k in range(longest)])
+            else:
+                _sleep_until(deadline)
+                self._run_steps(items, words, tracker, listener, deadline)
         tracker.finish_all()
+
+    def _run_steps(
+        self,
+        items: Sequence[EngineItem],
+        words: list[list[str]],
+        tracker: _SequenceTracker,
+        listener: GenerationListener,
+        deadline: float,
+    ) -> None:
+        active = list(range(len(items)))
+        while active:
+            deadline += self.latency.step_s + self.latency.step_per_seq_s * len(active)
+            _sleep_until(deadline)
+            still = []
+            for i in active:
+                item_words = words[i]
+                token = item_words[len(items[i].generated) % len(item_words)]
+                if not tracker.step(i, token):
+                    still.append(i)
+            active = still
+            listener.flush()
 
     def close(self) -> None:
         pass
+
+
+_precise = threading.local()
+
+
+def _precise_sleeps() -> None:
+    """Linux lets a sleeping thread wake up to 50 us late (timer slack) to batch wake-ups; the
+    simulated engine stands in for a device that finishes on time, so its threads ask for 1 ns."""
+    if getattr(_precise, "set", False):
+        return
+    _precise.set = True
+    try:
+        import ctypes
+
+        pr_set_timerslack = 29
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_timerslack, 1, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # not Linux: sleeps keep the platform's precision
 
 
 def _sleep_until(deadline: float) -> None:

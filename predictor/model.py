@@ -4,6 +4,7 @@ is what every other route (/generate, OpenAI) calls."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -60,8 +61,15 @@ class Observed:
 
     def record(self, error: BaseException | None) -> None:
         outcome = "ok" if error is None else outcome_of(error)
-        metrics.REQUESTS.labels(self.protocol, outcome).inc()
-        metrics.REQUEST_SECONDS.labels(self.protocol).observe(time.monotonic() - self.started)
+        counted, timed = _request_series(self.protocol, outcome)
+        counted.inc()
+        timed.observe(time.monotonic() - self.started)
+
+
+@functools.cache
+def _request_series(protocol: str, outcome: str) -> tuple[Any, Any]:
+    """The labelled children, looked up once (labels() takes a lock and builds a key)."""
+    return metrics.REQUESTS.labels(protocol, outcome), metrics.REQUEST_SECONDS.labels(protocol)
 
 
 class FerryModel(kserve.Model):
@@ -156,7 +164,7 @@ class FerryModel(kserve.Model):
         batcher = self.batcher
         try:
             if len(requests) == 1:
-                return [await batcher.generate(requests[0])]
+                return [await batcher.submit(requests[0]).result()]
             streams: list[RequestStream] = []
             try:
                 for request in requests:  # submitted together, so they can share a batch

@@ -36,11 +36,12 @@ class Tokenizer:
     def __init__(self) -> None:
         data = _data_dir()
         self._bpe = ByteLevelBPETokenizer(str(data / "encoder.json"), str(data / "vocab.bpe"))
+        self._encode = self._bpe._tokenizer.encode  # the Rust call, without the wrapper's checks
         self._decoder = decoders.ByteLevel()
 
     def encode(self, text: str) -> list[str]:
         """Prompt token strings, with OPT's leading </s>."""
-        return [BOS, *self._bpe.encode(text).tokens]
+        return [BOS, *self._encode(text, None, False, False).tokens]
 
     def count(self, text: str) -> int:
         return len(self._bpe.encode(text).ids) + 1

@@ -255,21 +255,25 @@ async def test_stop_ends_the_consumer_cleanly_and_fails_queued_with_503(
 
 def test_gather_policy_never_waits_at_idle_and_waits_for_a_burst() -> None:
     policy = GatherPolicy(max_wait_s=0.05, max_batch_size=50)
-    policy.observe_batch(0.1)
+    policy.observe_batch(0.06)
     policy.observe_in_flight(1)
     assert policy.plan(queued=1, running=0, in_flight=1, free_slots=1) == (1, 0.0)  # a lone user
     policy.observe_in_flight(40)  # 40 closed-loop users: their answers went out as a burst
-    assert policy.plan(queued=1, running=0, in_flight=1, free_slots=1) == (40, 0.025)  # T/4
+    assert policy.plan(queued=1, running=0, in_flight=1, free_slots=1) == (40, 0.03)  # T/2
     policy.observe_in_flight(40)
-    assert policy.plan(queued=1, running=0, in_flight=1, free_slots=2) == (20, 0.025)  # two slots share
+    assert policy.plan(queued=1, running=0, in_flight=1, free_slots=2) == (20, 0.03)  # two slots share
     policy.observe_in_flight(40)
-    assert policy.plan(queued=1, running=20, in_flight=21, free_slots=1) == (20, 0.025)
+    assert policy.plan(queued=1, running=20, in_flight=21, free_slots=1) == (20, 0.03)
     policy.observe_in_flight(40)
-    assert policy.plan(queued=31, running=0, in_flight=31, free_slots=1)[1] == 0.0  # 3/4 there: go
+    assert policy.plan(queued=40, running=0, in_flight=40, free_slots=1)[1] == 0.0  # all there: go
     # Traffic falls to one user: the remembered demand halves each dispatch.
     targets = [policy.plan(queued=1, running=0, in_flight=1, free_slots=1)[0] for _ in range(6)]
-    assert targets == [31, 16, 8, 4, 2, 1]  # 31 were in flight at the last busy dispatch
+    assert targets == [40, 20, 10, 5, 3, 2]  # 40 were in flight at the last busy dispatch
     assert GatherPolicy(max_wait_s=0.0, max_batch_size=50).plan(1, 0, 40, 1)[1] == 0.0
+    capped = GatherPolicy(max_wait_s=0.01, max_batch_size=50)
+    capped.observe_batch(1.0)
+    capped.observe_in_flight(40)
+    assert capped.plan(queued=1, running=0, in_flight=1, free_slots=1) == (40, 0.01)  # the cap
 
 
 async def test_a_returning_burst_is_gathered_into_one_batch() -> None:
@@ -283,19 +287,17 @@ async def test_a_returning_burst_is_gathered_into_one_batch() -> None:
     await asyncio.sleep(0)
     call0.release.set()
     await first
-    _, call1 = await asyncio.to_thread(engine.wait_for_calls, 2)
-    assert call1.sizes == 3  # 3 of 4 in flight were waiting: no reason to wait
-    again = asyncio.create_task(batcher.generate(req("again")))  # `first` comes back at once
-    await asyncio.sleep(0)
-    call1.release.set()
-    await asyncio.gather(*users)
     for _ in range(3):
         await asyncio.sleep(0)
-    assert len(engine.calls) == 2 and batcher.queue_depth == 1, "the lone returner waits for the burst"
+    # 4 were in flight: the 3 waiting are held for the one whose answer just went out...
+    assert len(engine.calls) == 1 and batcher.queue_depth == 3, "the burst waits for its returner"
+    again = asyncio.create_task(batcher.generate(req("again")))  # ...who comes back at once
+    _, call1 = await asyncio.to_thread(engine.wait_for_calls, 2)
+    assert call1.sizes == 4  # the target was reached: no need to wait out the window
     engine.auto_release = True
-    burst = [asyncio.create_task(batcher.generate(req(f"b{i}"))) for i in range(3)]
-    await asyncio.gather(again, *burst)  # the burst completed the target: no need to wait out the window
-    assert [c.sizes for c in engine.calls] == [1, 3, 4]
+    call1.release.set()
+    await asyncio.gather(again, *users)
+    assert [c.sizes for c in engine.calls] == [1, 4]
     batcher.stop()
     await consumer
     batcher.close()

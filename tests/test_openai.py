@@ -537,3 +537,18 @@ async def test_refused_prompt_abandons_the_admitted_ones() -> None:
         batcher.stop()
         await asyncio.wait_for(consumer, WAIT_S)
         batcher.close()
+
+
+def test_a_stream_read_to_done_counts_ok(client: openai.OpenAI, ferry: FerryProcess) -> None:
+    ok = 'ferry_requests_total{outcome="ok",protocol="openai"}'
+    cancelled = 'ferry_requests_total{outcome="cancelled",protocol="openai"}'
+    before = metrics_of(ferry)
+    chunks = list(
+        client.completions.create(
+            model=ferry.model_name, prompt=REFERENCE_PROMPT, max_tokens=5, temperature=0, stream=True
+        )
+    )
+    assert chunks[-1].choices[0].finish_reason == "length"
+    wait_metric(ferry, ok, lambda v: v >= before[ok] + 1)
+    after = metrics_of(ferry)
+    assert after[ok] == before[ok] + 1 and after[cancelled] == before[cancelled]

@@ -127,7 +127,7 @@ class Front:
             body = await self._read_body(receive)
             answer = await route.handle(body)
             if isinstance(answer, dict):
-                await self._send_json(send, 200, answer)
+                await self._send_json(_coalescing(receive, send), 200, answer)
             else:
                 await self._send_events(send, answer)
                 error = getattr(answer, "error", None)
@@ -173,6 +173,58 @@ class Front:
         async for chunk in chunks:
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+class _Collect:
+    """Stands in for uvicorn's transport while one response is sent, so that its status line,
+    headers and body leave in one write (one syscall instead of two, measured to matter at
+    GPU-class rates)."""
+
+    __slots__ = ("closed", "parts")
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.parts.append(data)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+
+def _coalescing(receive: Receive, send: Send) -> Send:
+    """`send` for a response whose body is one message: on uvicorn, what it writes for the start
+    and the body goes out in one write; elsewhere `send` itself."""
+    cycle = getattr(receive, "__self__", None)
+    if cycle is None or not hasattr(cycle, "transport") or not hasattr(cycle, "response_complete"):
+        return send
+
+    async def coalesced(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            if not isinstance(cycle.transport, _Collect):
+                real = cycle.transport
+                cycle.transport = _Collect()
+                cycle.ferry_real_transport = real
+            await send(message)
+            return
+        collected = cycle.transport
+        real = getattr(cycle, "ferry_real_transport", None)
+        if not isinstance(collected, _Collect) or real is None:
+            await send(message)
+            return
+        try:
+            await send(message)
+        finally:
+            cycle.transport = real
+        real.write(b"".join(collected.parts))
+        if collected.closed:
+            real.close()
+
+    return coalesced
 
 
 def _content_length(scope: Scope) -> int | None:
