@@ -49,6 +49,7 @@ class DriveResult:
     ttfts_s: list[float] = field(repr=False, default_factory=list)  # streamed requests only
     client_cpu_s: float = 0.0
     errors: dict[str, int] = field(default_factory=dict)
+    latencies_by_body_s: dict[bytes, list[float]] = field(repr=False, default_factory=dict)
 
     @property
     def rps(self) -> float:
@@ -89,6 +90,7 @@ class _Run:
         self.stopping = False
         self.latencies: list[float] = []
         self.ttfts: list[float] = []
+        self.by_body: dict[bytes, list[float]] = {}  # per request kind (e.g. short and long)
         self.failed = 0
         self.sent = 0
         self.ok = 0
@@ -168,6 +170,7 @@ async def drive(
                 if run.measuring:
                     if ok:
                         run.latencies.append(latency)
+                        run.by_body.setdefault(data, []).append(latency)
                         if streams:
                             run.ttfts.append(first_chunk)
                     else:
@@ -214,6 +217,7 @@ async def drive(
         ok_total=run.ok,
         latencies_s=sorted(run.latencies),
         ttfts_s=sorted(run.ttfts),
+        latencies_by_body_s={body: sorted(values) for body, values in run.by_body.items()},
         client_cpu_s=cpu1 - cpu0,
         errors=run.errors,
     )

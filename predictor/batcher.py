@@ -436,20 +436,23 @@ class Batcher:
             self._enough = None
 
     def _take_batch(self, limit: int | None = None) -> list[RequestStream]:
-        """Up to `limit` (max_batch_size) live requests sharing the head's sampling settings."""
+        """Up to `limit` (max_batch_size) live requests of the head's group: the same sampling
+        settings, and either all new or all continuing a chunked decode (a continuation's
+        prompt holds what it generated so far; new prompts padded to it would cost its length)."""
         limit = min(limit or self.max_batch_size, self.max_batch_size)
-        head_sampling: Sampling | None = None
+        head: tuple[Sampling, bool] | None = None
         taken: list[RequestStream] = []
         kept: collections.deque[RequestStream] = collections.deque()
         while self._queue:
             ticket = self._queue.popleft()
             if ticket.cancelled or ticket.done:
                 continue
-            if head_sampling is None:
-                head_sampling = ticket.request.sampling
-            if len(taken) < limit and ticket.request.sampling == head_sampling:
+            group = (ticket.request.sampling, bool(ticket.item.generated))
+            if head is None:
+                head = group
+            if len(taken) < limit and group == head:
                 taken.append(ticket)
-                if len(taken) == limit and head_sampling == GREEDY and not kept:
+                if len(taken) == limit and head == (GREEDY, False) and not kept:
                     break  # common case: no need to scan the rest
             else:
                 kept.append(ticket)

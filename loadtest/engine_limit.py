@@ -1,0 +1,161 @@
+"""The engine's limit at n requests in flight: CTranslate2 called directly, with perfectly formed
+batches, in the best of its configurations. Independent of anything a server did: no replay of
+the batches a server formed, so a server that forms poor batches cannot lower its yardstick.
+
+Configurations, each measured in this process for `time_cap_s`:
+  - 1 call of n at a time, every core on it (inter 1, intra = cores);
+  - k concurrent calls of n/k, each with cores/k threads (inter k, intra cores/k), for k = 2
+    (and more when the machine has the cores).
+Batch-1 latency: the fastest configuration's median for one request alone.
+
+    python -m loadtest.engine_limit --model-dir models/opt-125m --in-flight 40   # prints JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from predictor.engine import cpu_cores, resolve_compute_type, resolve_device
+from predictor.tokenizer import shared_tokenizer
+
+
+def split(n: int, parts: int) -> list[int]:
+    return [n // parts + (1 if i < n % parts else 0) for i in range(parts)]
+
+
+def measure_config(
+    model_dir: Path,
+    *,
+    calls: int,
+    threads_per_call: int,
+    in_flight: int,
+    prompt: str,
+    max_new_tokens: int,
+    compute_type: str,
+    time_cap_s: float,
+    single_runs: int,
+) -> dict[str, Any]:
+    import ctranslate2
+
+    device = resolve_device("auto")
+    generator = ctranslate2.Generator(
+        str(model_dir),
+        device=device,
+        compute_type=resolve_compute_type(compute_type, device),
+        inter_threads=calls,
+        intra_threads=threads_per_call,
+    )
+    tokens = shared_tokenizer().encode(prompt)
+    options = {
+        "max_length": max_new_tokens,
+        "min_length": max_new_tokens,
+        "include_prompt_in_result": False,
+        "beam_size": 1,
+    }
+    sizes = [s for s in split(in_flight, calls) if s > 0]
+
+    def run(n: int) -> None:
+        generator.generate_batch([tokens] * n, **options)
+
+    singles: list[float] = []
+    if single_runs:
+        run(1)  # warm-up
+        for _ in range(single_runs):
+            started = time.perf_counter()
+            run(1)
+            singles.append(time.perf_counter() - started)
+
+    done = [0] * len(sizes)
+    stop_at = time.perf_counter() + time_cap_s
+
+    def worker(i: int) -> None:
+        while time.perf_counter() < stop_at:
+            run(sizes[i])
+            done[i] += sizes[i]
+
+    run(max(sizes))  # warm-up at the measured size
+    started = time.perf_counter()
+    workers = [threading.Thread(target=worker, args=(i,)) for i in range(len(sizes))]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    wall = time.perf_counter() - started
+    generator.unload_model()
+    return {
+        "config": f"{len(sizes)} x {sizes[0]}" + (f"..{sizes[-1]}" if sizes[-1] != sizes[0] else ""),
+        "calls": len(sizes),
+        "threads_per_call": threads_per_call,
+        "rps": sum(done) / wall,
+        "single_latency_s": statistics.median(singles) if singles else None,
+    }
+
+
+def engine_limit(
+    model_dir: Path,
+    in_flight: int,
+    *,
+    prompt: str = "Hello World, what is your name dog?",
+    max_new_tokens: int = 10,
+    compute_type: str = "auto",
+    time_cap_s: float = 5.0,
+    single_runs: int = 9,
+) -> dict[str, Any]:
+    cores = cpu_cores() if resolve_device("auto") == "cpu" else 1
+    call_counts = [k for k in (1, 2, 4) if k <= max(cores, 1) and k <= in_flight]
+    configs = [
+        measure_config(
+            model_dir,
+            calls=k,
+            threads_per_call=max(1, cores // k),
+            in_flight=in_flight,
+            prompt=prompt,
+            max_new_tokens=max_new_tokens,
+            compute_type=compute_type,
+            time_cap_s=time_cap_s,
+            single_runs=single_runs if k == 1 or in_flight == 1 else 0,
+        )
+        for k in call_counts
+    ]
+    best = max(configs, key=lambda c: c["rps"])
+    singles = [c["single_latency_s"] for c in configs if c["single_latency_s"] is not None]
+    return {
+        "in_flight": in_flight,
+        "cores": cores,
+        "rps": best["rps"],
+        "best_config": best["config"],
+        "single_latency_s": min(singles) if singles else None,
+        "configs": configs,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-dir", type=Path, default=Path("models/opt-125m"))
+    parser.add_argument("--in-flight", type=int, default=40)
+    parser.add_argument("--prompt", default="Hello World, what is your name dog?")
+    parser.add_argument("--max-new-tokens", type=int, default=10)
+    parser.add_argument("--compute-type", default="auto")
+    parser.add_argument("--time-cap", type=float, default=5.0)
+    parser.add_argument("--single-runs", type=int, default=9)
+    args = parser.parse_args(argv)
+    result = engine_limit(
+        args.model_dir,
+        args.in_flight,
+        prompt=args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        compute_type=args.compute_type,
+        time_cap_s=args.time_cap,
+        single_runs=args.single_runs,
+    )
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
