@@ -3,12 +3,15 @@
 One run, one machine, one model directory, the same CTranslate2 settings for everyone, one load
 generator (loadtest/driver.py, closed loop):
 
-1. ferry on CTranslate2, and after each of its measurements the engine ceiling: CTranslate2
-   called directly with the batch sizes ferry formed in that window (from ferry's own
-   ferry_batch_size histogram), as many calls in flight as ferry's slots;
+1. ferry on CTranslate2 with its own defaults (thread plan `auto`), and after each of its
+   measurements the engine's limit at the same requests in flight: CTranslate2 called directly
+   with perfectly formed batches in the best of its configurations (loadtest/engine_limit.py),
+   independent of the batches ferry formed (a replay of those is kept as a diagnostic only);
 2. the naive FastAPI server (engine on the event loop, one request per call);
 3. the timer batcher (FastAPI + background task, max batch 50, fixed 100 ms wait);
-4. ferry with SimulatedEngine at GPU-class speed, beside that engine's own ceiling.
+4. ferry with SimulatedEngine at GPU-class speed, beside that engine's formula ceiling and
+   KServe's floor (a model that answers at once on KServe's ModelServer), measured with wrk:
+   the closed-loop limit at n users is L = n / (T(n, t) + n / floor).
 
 Each server is measured at every concurrency of the sweep; the reference concurrency (40) is
 measured `reps` times and reported as the median. Everything runs on 127.0.0.1 in subprocesses
@@ -36,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loadtest import report
+from loadtest import report, wrk
 from loadtest.ceiling import (
     batch_sizes_between,
     histogram_snapshot,
@@ -54,7 +57,7 @@ from loadtest.driver import (
     openai_stream_body,
     percentile,
 )
-from loadtest.procs import ROOT, Server, http_get, start_baseline, start_ferry
+from loadtest.procs import ROOT, Server, http_get, start_baseline, start_ferry, start_kserve_floor
 from predictor.engine import LatencyModel
 from predictor.settings import Settings
 
@@ -78,7 +81,7 @@ class BenchConfig:
     max_warmup_s: float
     out_dir: Path
     plots_dir: Path
-    inter_threads: int = 2
+    inter_threads: int = 2  # the baselines' CTranslate2 threads (ferry uses its own `auto` plan)
     intra_threads: int = 1
     compute_type: str = "auto"
     max_batch_size: int = 50
@@ -174,6 +177,10 @@ def measure(
         "client_cpu_share": result.client_cpu_share,
         "peak_rss_bytes": server.peak_rss_bytes(),
     }
+    if len(result.latencies_by_body_s) > 1:  # mixed lengths: each kind's own percentiles
+        row["p50_by_max_new_tokens"] = {
+            str(_tokens_asked(body)): percentile(values, 50) for body, values in result.latencies_by_body_s.items()
+        }
     if result.ttfts_s:
         row["streamed"] = len(result.ttfts_s)
         row["ttft_p50_s"] = percentile(result.ttfts_s, 50)
@@ -188,6 +195,11 @@ def measure(
         f"  server CPU {row['server_cpu_share']:.0%}  generator CPU {result.client_cpu_share:.0%}"
     )
     return row, snaps
+
+
+def _tokens_asked(body: bytes) -> int:
+    payload = json.loads(body)
+    return int(payload.get("max_new_tokens", payload.get("max_tokens", 0)))
 
 
 def ferry_batches(row: dict[str, Any], snaps: Snapshots) -> list[int]:
@@ -211,8 +223,41 @@ def even_split(users: int, slots: int, max_batch_size: int) -> list[int]:
     return [users // parts + (1 if i < users % parts else 0) for i in range(parts)]
 
 
+def run_engine_limit(cfg: BenchConfig, users: int) -> dict[str, Any]:
+    """The independent yardstick, in its own process: CTranslate2 at its best at `users` in
+    flight (loadtest/engine_limit.py)."""
+    out = subprocess.run(
+        [
+            sys.executable, "-m", "loadtest.engine_limit",
+            "--model-dir", str(cfg.model_dir),
+            "--in-flight", str(users),
+            "--prompt", cfg.prompt,
+            "--max-new-tokens", str(cfg.max_new_tokens),
+            "--compute-type", cfg.compute_type,
+            "--time-cap", str(min(cfg.measure_s, 6.0)),
+            "--single-runs", "9" if users == 1 else "0",
+        ],
+        cwd=ROOT, capture_output=True, text=True, timeout=cfg.measure_s * 8 + 120, check=True,
+    )  # fmt: skip
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+def ferry_thread_plan(server: Server) -> dict[str, int]:
+    _, body = http_get(server.url + "/v2/models/opt-125m")
+    parameters = json.loads(body).get("parameters", {})
+    return {k: int(parameters.get(k, 0)) for k in ("slots", "threads_per_slot", "lone_batch_threads")}
+
+
 def run_ceiling(
-    cfg: BenchConfig, sizes: list[int], concurrency: int, single_runs: int, users: int
+    cfg: BenchConfig,
+    sizes: list[int],
+    concurrency: int,
+    single_runs: int,
+    users: int,
+    *,
+    inter_threads: int | None = None,
+    intra_threads: int | None = None,
 ) -> dict[str, Any]:
     """The ceiling subprocess; `users` bounds the requests in flight, as it bounded the server."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
@@ -235,9 +280,9 @@ def run_ceiling(
                 "--concurrency",
                 str(concurrency),
                 "--inter-threads",
-                str(cfg.inter_threads),
+                str(inter_threads or cfg.inter_threads),
                 "--intra-threads",
-                str(cfg.intra_threads),
+                str(intra_threads or cfg.intra_threads),
                 "--compute-type",
                 cfg.compute_type,
                 "--time-cap",
@@ -273,10 +318,8 @@ def bench_ferry(
     extras: bool = True,
 ) -> None:
     wait_s = cfg.ferry_wait_s if wait_s is None else wait_s
-    settings = {
+    settings = {  # ferry's own defaults otherwise: the thread plan is `auto`
         "model_dir": cfg.model_dir,
-        "inter_threads": cfg.inter_threads,
-        "intra_threads": cfg.intra_threads,
         "compute_type": cfg.compute_type,
         "max_batch_size": cfg.max_batch_size,
         "max_batch_wait_s": wait_s,
@@ -285,44 +328,35 @@ def bench_ferry(
     server = start_ferry(label, log_dir=log_dir, settings=settings)
     try:
         server.wait_ready()
-        slots = cfg.inter_threads
+        plan = ferry_thread_plan(server)
+        results.setdefault("ferry_thread_plan", plan)
+        slots = plan["slots"] or 1
         for users in levels or cfg.levels:
             for rep in range(cfg.repetitions(users)):
                 row, snaps = measure(cfg, server, label=label, users=users, metrics_path="/metrics")
                 row["rep"] = rep
                 sizes = ferry_batches(row, snaps)
-                if sizes:
-                    ceiling = run_ceiling(
-                        cfg,
-                        sizes,
-                        min(slots, users),
-                        single_runs=9 if users == 1 else 3,
-                        users=users,
-                    )
-                    row["ceiling"] = ceiling
-                    row["ceiling_rps"] = ceiling["rps"]
-                    row["engine_single_latency_s"] = ceiling["single_latency_s"]
-                    log(
-                        f"{'ceiling':10s} users={users:<4d} {ceiling['rps']:8.1f} req/s"
-                        f"  ({ceiling['batches']} of {len(sizes)} batches replayed, mean"
-                        f" {ceiling['mean_batch_size']:.1f}; {ceiling['mean_batch_seconds']:.3f} s"
-                        f" per batch vs ferry's {row['ferry_mean_batch_seconds']:.3f} s)"
-                        f"  ferry/ceiling {report.ratio(row['rps'], ceiling['rps']):.2f}"
-                    )
-                    log(f"{'':10s} batch sizes formed (size: count): {row['batch_size_counts']}")
-                if users == cfg.reference_users and rep == 0 and label == "ferry":
-                    # For the diagnosis of batch forming: the engine's limit if every burst of
-                    # `users` requests were split evenly over the slots (e.g. 2 x 20).
-                    even = even_split(users, slots, cfg.max_batch_size)
-                    ideal = run_ceiling(
-                        cfg, even * 200, min(slots, users), single_runs=1, users=users
-                    )
-                    row["even_split_ceiling_rps"] = ideal["rps"]
-                    log(
-                        f"{'ceiling':10s} users={users:<4d} {ideal['rps']:8.1f} req/s with even"
-                        f" batches {even} (what ferry's batches cost vs the ideal split:"
-                        f" {report.ratio(row['ceiling_rps'], ideal['rps']):.2f})"
-                    )
+                limit = run_engine_limit(cfg, users)
+                row["ceiling"] = limit
+                row["ceiling_rps"] = limit["rps"]
+                row["ceiling_config"] = limit["best_config"]
+                if limit.get("single_latency_s"):
+                    row["engine_single_latency_s"] = limit["single_latency_s"]
+                configs = ", ".join(f"{c['config']}: {c['rps']:.1f}" for c in limit["configs"])
+                log(
+                    f"{'ceiling':10s} users={users:<4d} {limit['rps']:8.1f} req/s (best of {configs})"
+                    f"  {label}/ceiling {report.ratio(row['rps'], limit['rps']):.2f}"
+                )
+                log(f"{'':10s} batch sizes formed (size: count): {row.get('batch_size_counts', {})}")
+                if sizes and users == cfg.reference_users and rep == 0 and label == "ferry":
+                    # Diagnostic only (never a ratio's denominator): ferry's own batches replayed
+                    # on one generator with its slots and threads.
+                    replay = run_ceiling(
+                        cfg, sizes, min(slots, users), single_runs=1, users=users,
+                        inter_threads=slots, intra_threads=plan["threads_per_slot"] or 1,
+                    )  # fmt: skip
+                    row["replay_rps"] = replay["rps"]
+                    log(f"{'replay':10s} users={users:<4d} {replay['rps']:8.1f} req/s (ferry's own batches)")
                 results["sweep"].setdefault(label, []).append(row)
         if cfg.protocols and extras:
             name = "opt-125m"
@@ -399,9 +433,47 @@ def bench_sim(cfg: BenchConfig, log_dir: Path, results: dict[str, Any]) -> None:
                     row["ceiling"] = ceiling
                     row["ceiling_rps"] = ceiling["rps"]
                 results["sweep"]["ferry-sim"].append(row)
+        results["gpu_speed"] = gpu_speed(cfg, server, latency, log_dir)
     finally:
         server.stop(timeout_s=15)
         log("ferry-sim stopped")
+
+
+def gpu_speed(cfg: BenchConfig, server: Server, latency: LatencyModel, log_dir: Path) -> dict[str, Any]:
+    """ferry + SimulatedEngine measured with wrk (a light generator), beside the formula
+    ceiling n / T(n, t) and KServe's floor (an instant model on KServe's ModelServer, V1)."""
+    n, t = cfg.reference_users, cfg.max_new_tokens
+    duration = max(cfg.measure_s, 8.0)
+    generate = generate_body(cfg.prompt, t)
+    v1 = json.dumps({"instances": [json.loads(generate)]}).encode()
+    v1_path = "/v1/models/opt-125m:predict"
+    out: dict[str, Any] = {"users": n, "T_n_s": latency.batch_seconds(n, t), "T_1_s": latency.batch_seconds(1, t)}
+    out["formula_rps"] = n / out["T_n_s"]
+    gen = wrk.run(server.url + "/generate", generate, users=n, duration_s=duration)
+    one = wrk.run(server.url + "/generate", generate, users=1, duration_s=duration)
+    v1_row = wrk.run(server.url + v1_path, v1, users=n, duration_s=duration)
+    floor_server = start_kserve_floor(log_dir)
+    try:
+        floor_server.wait_ready()
+        floor = wrk.run(floor_server.url + v1_path, v1, users=n, duration_s=duration)
+    finally:
+        floor_server.stop(timeout_s=5)
+    out.update(
+        generate_rps=gen.rps, generate_p50_s=gen.p50_s, generate_non_2xx=gen.non_2xx,
+        v1_rps=v1_row.rps, v1_non_2xx=v1_row.non_2xx,
+        one_user_p50_s=one.p50_s, floor_rps=floor.rps,
+    )  # fmt: skip
+    out["L_rps"] = n / (out["T_n_s"] + n / floor.rps)
+    out["generate_over_formula"] = gen.rps / out["formula_rps"]
+    out["v1_over_L"] = v1_row.rps / out["L_rps"]
+    out["one_user_p50_over_T1"] = one.p50_s / out["T_1_s"]
+    log(
+        f"{'gpu-speed':10s} wrk: /generate {gen.rps:.0f} req/s = {out['generate_over_formula']:.2f} x"
+        f" {out['formula_rps']:.0f} (n / T(n, t)); V1 {v1_row.rps:.0f} = {out['v1_over_L']:.2f} x L"
+        f" {out['L_rps']:.0f} (KServe floor {floor.rps:.0f}); 1-user p50 {one.p50_s * 1000:.1f} ms ="
+        f" {out['one_user_p50_over_T1']:.3f} x T(1, t) {out['T_1_s'] * 1000:.1f} ms"
+    )
+    return out
 
 
 def bench_baseline(cfg: BenchConfig, name: str, log_dir: Path, results: dict[str, Any]) -> None:
@@ -450,9 +522,9 @@ def measure_streaming(cfg: BenchConfig, server: Server, slots: int) -> dict[str,
         stream_path="/openai/v1/completions",
         stream_body=openai_stream_body("opt-125m", cfg.prompt, cfg.max_new_tokens),
     )
-    sizes = ferry_batches(row, snaps)
-    if sizes:
-        ceiling = run_ceiling(cfg, sizes, min(slots, cfg.reference_users), single_runs=1, users=cfg.reference_users)
+    ferry_batches(row, snaps)
+    ceiling = run_engine_limit(cfg, cfg.reference_users)
+    if ceiling:
         row["ceiling_rps"] = ceiling["rps"]
         log(
             f"{'ceiling':10s} users={cfg.reference_users:<4d} {ceiling['rps']:8.1f} req/s  {label}/ceiling"
@@ -560,12 +632,17 @@ def summarize(cfg: BenchConfig, results: dict[str, Any]) -> dict[str, Any]:
         s["ferry_over_ceiling"] = report.median_of(
             [report.ratio(r["rps"], r["ceiling_rps"]) for r in ferry_ref if r.get("ceiling_rps")]
         )
-    even = [r["even_split_ceiling_rps"] for r in ferry_ref if r.get("even_split_ceiling_rps")]
-    if even:
-        s["even_split_ceiling_rps"] = even[0]
-        s["ferry_over_even_split_ceiling"] = report.ratio(
-            report.median_row(ferry_ref)["rps"], even[0]
-        )
+    replay = [r["replay_rps"] for r in ferry_ref if r.get("replay_rps")]
+    if replay:
+        s["replay_rps"] = replay[0]
+    by_users = {
+        users: report.ratio(f["rps"], t["rps"])
+        for users in cfg.levels
+        if (f := med("ferry", users)) and (t := med("timer", users))
+    }
+    if by_users:
+        s["ferry_over_timer_by_users"] = by_users
+        s["ferry_over_timer_min"] = min(by_users.values())
     for other in ("naive", "timer"):
         f, o = med("ferry", ref), med(other, ref)
         if f and o:
@@ -589,7 +666,15 @@ def summarize(cfg: BenchConfig, results: dict[str, Any]) -> dict[str, Any]:
         and report.ratio(r["rps"], r.get("ceiling_rps") or 0) >= 0.9
     ]
     s["sim_highest_users_at_0_9_ceiling"] = max(sim_ok) if sim_ok else None
+    if results.get("gpu_speed"):
+        s["gpu_speed"] = results["gpu_speed"]
+    f_ref = med("ferry", ref)
     for row in results["extra"]:
+        kinds = row.get("p50_by_max_new_tokens") or {}
+        if row.get("server") == "ferry-mixed" and str(cfg.max_new_tokens) in kinds and f_ref:
+            s["mixed_short_p50_s"] = kinds[str(cfg.max_new_tokens)]
+            s["all_short_p50_s"] = f_ref["p50_s"]
+            s["mixed_short_over_all_short_p50"] = report.ratio(kinds[str(cfg.max_new_tokens)], f_ref["p50_s"])
         if row.get("server") == "ferry-stream-mix" and row.get("ceiling_rps"):
             s["stream_mix_over_ceiling"] = report.ratio(row["rps"], row["ceiling_rps"])
             s["stream_ttft_p50_s"] = row.get("ttft_p50_s", 0.0)
@@ -610,19 +695,19 @@ def verdicts(cfg: BenchConfig, s: dict[str, Any]) -> list[str]:
     lines = []
     if "ferry_over_ceiling" in s:
         v = s["ferry_over_ceiling"]
-        lines.append(line(v >= 0.9, f"ferry / engine ceiling at {ref} users = {v:.2f} (>= 0.9)"))
-    if "ferry_over_even_split_ceiling" in s:
-        v = s["ferry_over_even_split_ceiling"]
         lines.append(
-            f"info  ferry / engine ceiling with evenly split batches = {v:.2f}"
-            f" ({s['even_split_ceiling_rps']:.1f} req/s; how much batch forming leaves unused)"
+            line(v >= 0.95, f"ferry / engine limit (its best configuration, same in flight) at {ref} users"
+                 f" = {v:.2f} (>= 0.95)")
         )
+    if "replay_rps" in s:
+        replay = s["replay_rps"]
+        lines.append(f"info  a replay of ferry's own batches: {replay:.1f} req/s (diagnostic, not a yardstick)")
     if "ferry_p50_over_engine_single" in s:
         v = s["ferry_p50_over_engine_single"]
         ferry_ms, engine_ms = s["ferry_p50_1_user_s"] * 1000, s["engine_single_latency_s"] * 1000
         ms = f"{ferry_ms:.0f} ms / {engine_ms:.0f} ms"
         lines.append(
-            line(v <= 1.1, f"ferry p50 at 1 user / engine single latency = {v:.2f} ({ms}; <= 1.1)")
+            line(v <= 1.05, f"ferry p50 at 1 user / engine's best batch-1 latency = {v:.2f} ({ms}; <= 1.05)")
         )
     if "ferry_over_naive" in s:
         v = s["ferry_over_naive"]
@@ -634,8 +719,33 @@ def verdicts(cfg: BenchConfig, s: dict[str, Any]) -> list[str]:
         v = s["ferry_over_timer_1_user"]
         p50 = s["timer_over_ferry_p50_1_user"]
         lines.append(
-            line(v > 1, f"ferry / timer batcher at 1 user = {v:.2f} (> 1; timer p50 = {p50:.2f}x)")
+            line(v >= 1.6, f"ferry / timer batcher at 1 user = {v:.2f} (>= 1.6; timer p50 = {p50:.2f}x)")
         )
+    if "ferry_over_timer_min" in s:
+        v = s["ferry_over_timer_min"]
+        each = ", ".join(f"{u}: {r:.2f}" for u, r in s["ferry_over_timer_by_users"].items())
+        lines.append(line(v >= 1.0, f"ferry / timer batcher at every swept concurrency >= 1 (min {v:.2f}; {each})"))
+    if "gpu_speed" in s:
+        g = s["gpu_speed"]
+        lines.append(
+            line(g["generate_over_formula"] >= 0.8, f"GPU speed, wrk, {g['users']} users: /generate"
+                 f" {g['generate_rps']:.0f}"
+                 f" req/s = {g['generate_over_formula']:.2f} x n/T(n,t) {g['formula_rps']:.0f} (>= 0.8)")
+        )  # fmt: skip
+        lines.append(
+            line(g["v1_over_L"] >= 0.9, f"GPU speed: V1 {g['v1_rps']:.0f} req/s = {g['v1_over_L']:.2f} x L"
+                 f" {g['L_rps']:.0f}"
+                 f" (KServe floor {g['floor_rps']:.0f} req/s; >= 0.9)")
+        )  # fmt: skip
+        lines.append(
+            line(g["one_user_p50_over_T1"] <= 1.06, f"GPU speed: 1-user p50 {g['one_user_p50_s'] * 1000:.1f} ms ="
+                 f" {g['one_user_p50_over_T1']:.3f} x T(1,t) {g['T_1_s'] * 1000:.1f} ms (<= 1.06)")
+        )  # fmt: skip
+    if "mixed_short_over_all_short_p50" in s:
+        v = s["mixed_short_over_all_short_p50"]
+        ms = f"{s['mixed_short_p50_s'] * 1000:.0f} ms vs {s['all_short_p50_s'] * 1000:.0f} ms"
+        text = f"mixed lengths (80 % 10, 20 % 100 tokens): short p50 / all-short p50 = {v:.2f} ({ms}; <= 1.2)"
+        lines.append(line(v <= 1.2, text))
     if "sim_rps" in s:
         v = s["sim_rps"]
         share = f"{s['sim_over_ceiling']:.2f} of its ceiling"
@@ -682,10 +792,10 @@ def write_outputs(cfg: BenchConfig, results: dict[str, Any]) -> None:
         f"# ferry benchmark ({cfg.mode} mode)",
         "",
         machine_line(results["machine"]),
-        f"Model: `{cfg.model_dir}`, compute type {cfg.compute_type}, inter_threads"
-        f" {cfg.inter_threads}, intra_threads {cfg.intra_threads} for ferry, the baselines"
-        f" and the ceiling; max batch {cfg.max_batch_size};"
-        f" ferry max_batch_wait_s {cfg.ferry_wait_s}.",
+        f"Model: `{cfg.model_dir}`, compute type {cfg.compute_type}; ferry with its own thread plan"
+        f" {results.get('ferry_thread_plan', {})}; the baselines with inter_threads {cfg.inter_threads},"
+        f" intra_threads {cfg.intra_threads}; the engine limit in its best configuration at each"
+        f" concurrency; max batch {cfg.max_batch_size}; ferry max_batch_wait_s {cfg.ferry_wait_s}.",
         f"Request: `POST /generate {json.dumps(body)}`.",
         f"Load generator: {GENERATOR_NAME} unless the row says locust;"
         f" warm-up >= {cfg.warmup_s:g} s, window {cfg.measure_s:g} s;"

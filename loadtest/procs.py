@@ -188,3 +188,12 @@ def start_baseline(
         "--compute-type", compute_type,
     ]  # fmt: skip
     return start_server(name, argv, env={}, port=port, ready_path="/health", log_dir=log_dir)
+
+
+def start_kserve_floor(log_dir: Path, model_name: str = "opt-125m") -> Server:
+    """KServe's floor: an instant kserve.Model on KServe's ModelServer, on 127.0.0.1."""
+    port = free_port()
+    argv = ["-m", "loadtest.baselines.kserve_floor", "--port", str(port), "--model-name", model_name]
+    return start_server(
+        "kserve-floor", argv, env={}, port=port, ready_path=f"/v1/models/{model_name}", log_dir=log_dir
+    )
