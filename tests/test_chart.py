@@ -618,3 +618,15 @@ def test_chart_readme_examples_render_strictly_valid_objects(example: str) -> No
     assert {k: v for k, v in problems.items() if v} == {}
     env = env_of(container_of(isvc_of(objects)))
     assert env["FERRY_DEVICE"] == ("cuda" if example.startswith("GPU") else "cpu")
+
+
+def test_runbook_urls_follow_the_runbook_base_url_value() -> None:
+    def runbooks(values: dict[str, Any]) -> set[str]:
+        (rule,) = chart.find(chart.render_objects(values), "PrometheusRule")
+        return {r["annotations"]["runbook_url"] for g in rule["spec"]["groups"] for r in g["rules"] if "alert" in r}
+
+    shipped = runbooks({"metrics": {"prometheusRule": {"enabled": True}}})
+    assert shipped and all(u.startswith("https://github.com/ferry-serving/ferry/blob/main/docs/runbooks.md#") for u in shipped)
+    base = "https://wiki.example.internal/ferry/runbooks"
+    moved = runbooks({"metrics": {"prometheusRule": {"enabled": True, "runbookBaseUrl": base}}})
+    assert moved == {u.replace(u.split("#")[0], base) for u in shipped}
