@@ -626,7 +626,8 @@ def test_runbook_urls_follow_the_runbook_base_url_value() -> None:
         return {r["annotations"]["runbook_url"] for g in rule["spec"]["groups"] for r in g["rules"] if "alert" in r}
 
     shipped = runbooks({"metrics": {"prometheusRule": {"enabled": True}}})
-    assert shipped and all(u.startswith("https://github.com/ferry-serving/ferry/blob/main/docs/runbooks.md#") for u in shipped)
+    default = "https://github.com/ferry-serving/ferry/blob/main/docs/runbooks.md#"
+    assert shipped and all(u.startswith(default) for u in shipped)
     base = "https://wiki.example.internal/ferry/runbooks"
     moved = runbooks({"metrics": {"prometheusRule": {"enabled": True, "runbookBaseUrl": base}}})
     assert moved == {u.replace(u.split("#")[0], base) for u in shipped}
