@@ -9,6 +9,7 @@ long ones is answered early.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 import threading
@@ -20,7 +21,7 @@ from typing import Any, Literal, Protocol
 
 from predictor.models import read_manifest
 from predictor.text import TextAssembler
-from predictor.tokenizer import shared_tokenizer
+from predictor.tokenizer import EOS, shared_tokenizer
 
 Decode = Callable[[Sequence[str]], str]
 
@@ -58,6 +59,9 @@ class EngineItem:
     generated: list[str] = field(default_factory=list)  # tokens of earlier calls; this one appends
     assembler: TextAssembler | None = None  # text deltas and stop strings, token by token
     final: bool = True  # this call completes the request: decode its text
+    # False (the default): the model's end token ends the sequence (finish reason "eos", the end
+    # token counted among the generated tokens); True: exactly max_new_tokens, EOS suppressed.
+    ignore_eos: bool = False
 
     @property
     def per_token(self) -> bool:
@@ -68,7 +72,7 @@ class EngineItem:
         return self.prompt_tokens + self.generated if self.generated else self.prompt_tokens
 
 
-FinishReason = Literal["length", "stop", "cancelled"]
+FinishReason = Literal["length", "stop", "eos", "cancelled"]
 
 
 @dataclass
@@ -84,6 +88,16 @@ class EngineOutput:
     @property
     def stopped_early(self) -> bool:
         return self.finish_reason == "cancelled"
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One token's log-probability given the tokens before it, and the `top` most likely tokens
+    at its position (most likely first)."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -166,10 +180,13 @@ class _SequenceTracker:
     """Per-call bookkeeping shared by the engines: counts tokens, feeds per-token items'
     assemblers, answers each sequence once, and flushes the listener once per step."""
 
-    def __init__(self, items: Sequence[EngineItem], listener: GenerationListener, decode: Decode) -> None:
+    def __init__(
+        self, items: Sequence[EngineItem], listener: GenerationListener, decode: Decode, end_token: str = EOS
+    ) -> None:
         self.items = items
         self.listener = listener
         self.decode = decode
+        self.end_token = end_token
         self.start = [len(item.generated) for item in items]
         self.done = [False] * len(items)
         self.live = len(items)
@@ -183,7 +200,9 @@ class _SequenceTracker:
         item = self.items[index]
         item.generated.append(token)
         reason: FinishReason | None = None
-        if item.assembler is not None:
+        if token == self.end_token and not item.ignore_eos:
+            reason = "eos"
+        elif item.assembler is not None:
             delta = item.assembler.push(token)
             if item.assembler.stopped:
                 reason = "stop"
@@ -199,12 +218,34 @@ class _SequenceTracker:
 
     def complete(self, index: int, tokens: Sequence[str]) -> None:
         """A sequence's tokens of this call, all at once (engines run without per-step callbacks
-        when no item needs them: no per-token Python while the batch runs)."""
+        when no item needs them: no per-token Python while the batch runs). A sequence that
+        ends on the end token, or short of its count, ended at EOS."""
         if self.done[index]:
             return
         item = self.items[index]
-        item.generated.extend(tokens[: item.max_new_tokens])
-        self.finish(index, "length")
+        tokens = list(tokens[: item.max_new_tokens])
+        reason: FinishReason = "length"
+        if not item.ignore_eos:
+            if self.end_token in tokens:
+                tokens = tokens[: tokens.index(self.end_token) + 1]
+                reason = "eos"
+            elif len(tokens) < item.max_new_tokens:
+                reason = "eos"
+        item.generated.extend(tokens)
+        self.finish(index, reason)
+
+    def ended_by_engine(self, index: int) -> None:
+        """After a per-step call: a sequence the engine ended short of its count without the
+        tracker stopping it ended at EOS (the engine stops only there or at max_length)."""
+        if self.done[index]:
+            return
+        item = self.items[index]
+        if item.ignore_eos or len(item.generated) - self.start[index] >= item.max_new_tokens:
+            self.finish(index, "length")
+            return
+        if not item.generated or item.generated[-1] != self.end_token:
+            item.generated.append(self.end_token)  # counted as the fast path counts it
+        self.finish(index, "eos")
 
     def step_callback(self, index: int, token: str) -> bool:
         """`step` for engines that call back once per live sequence per step (CTranslate2):
@@ -225,7 +266,7 @@ class _SequenceTracker:
         self.live -= 1
         item = self.items[index]
         if item.assembler is not None:
-            if reason == "length" and item.final:
+            if (reason == "length" and item.final) or reason == "eos":
                 item.assembler.finish()  # what was held back (half a character, a partial stop)
             text = item.assembler.text
         elif item.final or reason != "length":
@@ -238,6 +279,35 @@ class _SequenceTracker:
         for index in range(len(self.items)):
             self.finish(index)
         self.listener.flush()
+
+
+class _Renumbered:
+    """A listener for a part of a call: its sequence i is the whole call's `indices[i]`."""
+
+    def __init__(self, listener: GenerationListener, indices: Sequence[int]) -> None:
+        self.listener = listener
+        self.indices = indices
+
+    def on_token(self, index: int, delta: str) -> bool:
+        return self.listener.on_token(self.indices[index], delta)
+
+    def on_done(self, index: int, output: EngineOutput) -> None:
+        self.listener.on_done(self.indices[index], output)
+
+    def cancelled(self, index: int) -> bool:
+        return self.listener.cancelled(self.indices[index])
+
+    def flush(self) -> None:
+        self.listener.flush()
+
+
+def _eos_groups(items: Sequence[EngineItem]) -> list[list[int]] | None:
+    """CTranslate2 takes EOS handling per call. The batcher never mixes the two in one call;
+    a direct caller that does gets its call split in two (None: nothing to split)."""
+    ignore = items[0].ignore_eos
+    if all(item.ignore_eos == ignore for item in items):
+        return None
+    return [[i for i, item in enumerate(items) if item.ignore_eos == flag] for flag in (False, True)]
 
 
 def resolve_device(device: str) -> str:
@@ -332,9 +402,57 @@ class CTranslate2Engine:
             lone_batch_threads=self.plan.lone_threads,
         )
         self.max_positions = 2048
+        self.model_dir = model_dir
+        self.end_token = str(self._generator_config(model_dir).get("eos_token") or EOS)
+        self._vocab: tuple[list[str], dict[str, int]] | None = None
+
+    @staticmethod
+    def _generator_config(model_dir: Path) -> dict[str, Any]:
+        """CTranslate2's config.json (bos/eos/unk tokens); {} when absent."""
+        path = model_dir / "config.json"
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
 
     def tokenize(self, text: str) -> list[str]:
         return self.tokenizer.encode(text)
+
+    def logprobs(self, sequences: Sequence[Sequence[str]], top: int) -> list[list[TokenLogprob]]:
+        """Blocking. Per sequence, every token after the first: its log-probability given the
+        ones before and the `top` likeliest tokens there, from one forward pass of the whole
+        batch (CTranslate2's forward_batch: the same numbers as score_batch, plus alternatives)."""
+        import numpy as np
+
+        vocabulary, ids = self._vocabulary()
+        batch = [list(sequence) for sequence in sequences]
+        log_probs = np.asarray(self._generator.forward_batch(batch, return_log_probs=True))
+        results: list[list[TokenLogprob]] = []
+        for b, sequence in enumerate(batch):
+            scored: list[TokenLogprob] = []
+            rows = log_probs[b]
+            for position in range(1, len(sequence)):
+                row = rows[position - 1]
+                token = sequence[position]
+                best: tuple[tuple[str, float], ...] = ()
+                if top > 0:
+                    picked = np.argpartition(-row, top)[:top]
+                    picked = picked[np.argsort(-row[picked], kind="stable")]
+                    best = tuple((vocabulary[i], float(row[i])) for i in picked)
+                scored.append(TokenLogprob(token, float(row[ids.get(token, ids.get("<unk>", 3))]), best))
+            results.append(scored)
+        return results
+
+    def _vocabulary(self) -> tuple[list[str], dict[str, int]]:
+        if self._vocab is None:
+            path = self.model_dir / "vocabulary.json"
+            if path.is_file():
+                tokens = [str(t) for t in json.loads(path.read_text())]
+            else:
+                tokens = (self.model_dir / "vocabulary.txt").read_text().split("\n")
+            self._vocab = (tokens, {token: i for i, token in enumerate(tokens)})
+        return self._vocab
 
     def generate(
         self,
@@ -343,8 +461,14 @@ class CTranslate2Engine:
         listener: GenerationListener,
         alone: bool = False,
     ) -> None:
-        tracker = _SequenceTracker(items, listener, self.tokenizer.decode)
+        groups = _eos_groups(items)
+        if groups is not None:
+            for indices in groups:
+                self.generate([items[i] for i in indices], sampling, _Renumbered(listener, indices), alone)
+            return
+        tracker = _SequenceTracker(items, listener, self.tokenizer.decode, self.end_token)
         longest = max(item.max_new_tokens for item in items)
+        ignore_eos = items[0].ignore_eos
         kwargs: dict[str, Any] = {}
         if not sampling.greedy:
             kwargs.update(
@@ -361,19 +485,23 @@ class CTranslate2Engine:
         # a busy event loop. A batch of equal lengths with no per-token item runs without it.
         per_step = any(item.per_token or item.max_new_tokens != longest for item in items)
         generator = self._lone if alone and self._lone is not None else self._generator
-        # min_length = max_length: exactly the requested count (EOS cannot end it early);
-        # shorter sequences are stopped through the callback when their own count is reached.
+        # ignore_eos: min_length = max_length, exactly the requested count (EOS cannot end it);
+        # otherwise CTranslate2 ends each sequence at the end token, returned so it is counted.
+        # Shorter sequences are stopped through the callback when their own count is reached.
         results = generator.generate_batch(
             [item.engine_input for item in items],
             max_length=longest,
-            min_length=longest,
+            min_length=longest if ignore_eos else 0,
+            return_end_token=not ignore_eos,
             include_prompt_in_result=False,
             beam_size=1,
             callback=on_step if per_step else None,
             **kwargs,
         )
-        if not per_step:
-            for index, result in enumerate(results):
+        for index, result in enumerate(results):
+            if per_step:
+                tracker.ended_by_engine(index)
+            else:
                 tracker.complete(index, result.sequences[0])
         tracker.finish_all()
 
@@ -408,10 +536,15 @@ class SimulatedEngine:
         latency: LatencyModel | None = None,
         concurrency: int = 1,
         fail_every: int = 0,
+        eos_after: int = 0,
     ) -> None:
         self.latency = latency or LatencyModel()
         self.concurrency = concurrency
         self.fail_every = fail_every  # fault injection for reliability tests: every Nth batch raises
+        # A sequence that does not ignore EOS emits the end token as its eos_after-th generated
+        # token (0: never, like random weights), so EOS handling is testable without weights.
+        self.eos_after = eos_after
+        self.end_token = EOS
         self._calls = itertools.count(1)
         self.tokenizer = shared_tokenizer()
         self.info = ModelInfo(
@@ -422,6 +555,10 @@ class SimulatedEngine:
     def tokenize(self, text: str) -> list[str]:
         return self.tokenizer.encode(text)
 
+    def logprobs(self, sequences: Sequence[Sequence[str]], top: int) -> list[list[TokenLogprob]]:
+        """Deterministic stand-ins: every token certain (log-probability 0), itself the top one."""
+        return [[TokenLogprob(t, 0.0, ((t, 0.0),)[:top]) for t in sequence[1:]] for sequence in sequences]
+
     @staticmethod
     def words_of(prompt_tokens: Sequence[str]) -> list[str]:
         # Deterministic and prompt-dependent, so batching can be shown not to change answers.
@@ -431,6 +568,12 @@ class SimulatedEngine:
     def token_for(cls, prompt_tokens: Sequence[str], step: int) -> str:
         words = cls.words_of(prompt_tokens)
         return words[step % len(words)]
+
+    def _token(self, item: EngineItem, cycle: Sequence[str], position: int) -> str:
+        """The token at `position` (0-based over the whole request) of a sequence."""
+        if self.eos_after and not item.ignore_eos and position == self.eos_after - 1:
+            return self.end_token
+        return cycle[position % len(cycle)]
 
     def generate(
         self,
@@ -455,7 +598,10 @@ class SimulatedEngine:
                 _sleep_until(deadline + longest * (self.latency.step_s + self.latency.step_per_seq_s * len(items)))
                 for i, item in enumerate(items):
                     first, cycle = len(item.generated), words[i]
-                    tracker.complete(i, [cycle[(first + k) % len(cycle)] for k in range(longest)])
+                    tokens = [cycle[(first + k) % len(cycle)] for k in range(longest)]
+                    if self.eos_after and not item.ignore_eos and first < self.eos_after <= first + longest:
+                        tokens[self.eos_after - 1 - first] = self.end_token
+                    tracker.complete(i, tokens)
             else:
                 _sleep_until(deadline)
                 self._run_steps(items, words, tracker, listener, deadline)
@@ -475,8 +621,7 @@ class SimulatedEngine:
             _sleep_until(deadline)
             still = []
             for i in active:
-                item_words = words[i]
-                token = item_words[len(items[i].generated) % len(item_words)]
+                token = self._token(items[i], words[i], len(items[i].generated))
                 if not tracker.step(i, token):
                     still.append(i)
             active = still

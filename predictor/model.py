@@ -31,6 +31,7 @@ def build_engine(settings: Settings) -> Engine:
             latency=LatencyModel(settings.sim_prefill_s, settings.sim_step_s, settings.sim_step_per_seq_s),
             concurrency=settings.sim_concurrency,
             fail_every=settings.sim_fail_every,
+            eos_after=settings.sim_eos_after,
         )
     return CTranslate2Engine(
         settings.model_dir,

@@ -33,9 +33,11 @@ from starlette.types import Receive, Scope, Send
 
 from predictor.front import Front, Route
 from predictor.front.app import plain_error
+from predictor.front.grpc_ids import RequestIdInterceptor
 from predictor.model import FerryModel
 from predictor.protocols import generate, openai
 from predictor.protocols.errors import OVERLOADED, InvalidRequest, ServingError
+from predictor.request_context import configure_logging
 from predictor.settings import Settings
 
 log = logging.getLogger("ferry.server")
@@ -87,11 +89,17 @@ def front_routes(model: FerryModel) -> dict[tuple[str, str], Route]:
     async def openai_route(body: bytes) -> Any:
         return await openai.completions(model, body)
 
+    async def chat_route(body: bytes) -> Any:
+        return await openai.chat_completions(model, body)
+
     return {
         ("POST", "/generate"): Route(generate_route),
         ("POST", f"/v1/models/{model.name}:predict"): Route(v1_route),
         ("POST", f"{openai.DEFAULT_PREFIX}/v1/completions"): Route(
             openai_route, openai.error_status_and_body, "openai", model.observe
+        ),
+        ("POST", f"{openai.DEFAULT_PREFIX}/v1/chat/completions"): Route(
+            chat_route, openai.error_status_and_body, "openai", model.observe
         ),
     }
 
@@ -114,7 +122,7 @@ class BoundGRPCServer(GRPCServer):
         servicer = InferenceServicer(self._data_plane, self._model_repository_extension)
         self._server = aio.server(
             futures.ThreadPoolExecutor(max_workers=max_workers),
-            interceptors=(ExceptionToStatusInterceptor(),),
+            interceptors=(RequestIdInterceptor(), ExceptionToStatusInterceptor()),
             options=[
                 ("grpc.max_send_message_length", self._kwargs.get("grpc_max_send_message_length")),
                 ("grpc.max_receive_message_length", self._kwargs.get("grpc_max_receive_message_length")),
@@ -215,6 +223,8 @@ class FerryModelServer(kserve.ModelServer):
             timeout_keep_alive=self.timeout_keep_alive,
         )
         rest.config.host = self.settings.host
+        # After uvicorn's and KServe's logging set-up: request ids (and JSON lines) on every handler.
+        configure_logging(self.settings.log_format)
         # Per response: no `server: uvicorn` header, and no X-Forwarded-For rewriting of the
         # client address (it only feeds access logs, off by default; measured ~2 % at high rates).
         rest.config.server_header = False

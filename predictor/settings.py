@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field, ValidationError, model_validator
+from pydantic import BeforeValidator, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 KSERVE_MODEL_MOUNT = Path("/mnt/models")
@@ -100,6 +100,14 @@ class Settings(BaseSettings):
         20.0, ge=0, le=3600, description="SIGTERM: time queued work gets to finish (keep below the pod's grace)"
     )
     access_log: bool = Field(False, description="one log line per request (costs ~25 % at high rates)")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="text, or json: one JSON object per log line with request_id and traceparent"
+    )
+    chat_template: str = Field(
+        "",
+        description="chat completions: a Jinja2 template file or string (messages -> prompt); "
+        "empty: a plain User:/Assistant: transcript for base models",
+    )
 
     # --- simulated engine (engine=simulated) ------------------------------------------
     sim_prefill_s: float = Field(0.002, ge=0, description="simulated fixed cost per batch")
@@ -107,6 +115,17 @@ class Settings(BaseSettings):
     sim_step_per_seq_s: float = Field(0.00001, ge=0, description="simulated cost per step per sequence")
     sim_concurrency: int = Field(1, ge=1, le=64, description="simulated batches that can run at once")
     sim_fail_every: int = Field(0, ge=0, description="fault injection: every Nth simulated batch raises; 0 = never")
+    sim_eos_after: int = Field(
+        0, ge=0, description="simulated end token: the Nth generated token is EOS unless ignore_eos; 0 = never"
+    )
+
+    @field_validator("chat_template")
+    @classmethod
+    def _check_chat_template(cls, value: str) -> str:
+        from predictor.chat_template import load_chat_template
+
+        load_chat_template(value)  # raises ChatTemplateError (a ValueError) naming the problem
+        return value
 
     @model_validator(mode="after")
     def _check_relations(self) -> Settings:

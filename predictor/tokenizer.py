@@ -18,6 +18,7 @@ from tokenizers import ByteLevelBPETokenizer, decoders
 BOS = "</s>"  # OPT starts every prompt with </s> (id 2)
 EOS = "</s>"
 SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>")
+GIL_FREE_CHARS = 2048  # longer texts are encoded with the GIL released
 
 
 def _data_dir() -> Path:
@@ -37,10 +38,15 @@ class Tokenizer:
         data = _data_dir()
         self._bpe = ByteLevelBPETokenizer(str(data / "encoder.json"), str(data / "vocab.bpe"))
         self._encode = self._bpe._tokenizer.encode  # the Rust call, without the wrapper's checks
+        # The batch call releases the GIL while it works (the single one does not): long texts
+        # go through it, so tokenising one in a worker thread leaves the event loop running.
+        self._encode_batch = self._bpe._tokenizer.encode_batch
         self._decoder = decoders.ByteLevel()
 
     def encode(self, text: str) -> list[str]:
         """Prompt token strings, with OPT's leading </s>."""
+        if len(text) > GIL_FREE_CHARS:
+            return [BOS, *self._encode_batch([text], False, False)[0].tokens]
         return [BOS, *self._encode(text, None, False, False).tokens]
 
     def count(self, text: str) -> int:

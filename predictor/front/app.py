@@ -11,6 +11,7 @@ from typing import Any
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from predictor import request_context
 from predictor.front.disconnect import Watch, install
 from predictor.protocols.errors import InvalidRequest, failure_of
 
@@ -69,6 +70,16 @@ class Front:
         if scope["type"] != "http":
             await self.fallback(scope, receive, send)
             return
+        # X-Request-Id (the client's or a new one) on every answer; it and traceparent are on
+        # every log line written while this request is served.
+        request_id, traceparent = _request_ids(scope)
+        bound = request_context.bind(request_id, traceparent)
+        try:
+            await self._http(scope, receive, _with_request_id(send, request_id))
+        finally:
+            request_context.unbind(bound)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         declared = _content_length(scope)
         if declared is not None and declared > self.max_body_bytes:
             await self._send_json(send, 413, {"error": str(BodyTooLarge(declared, self.max_body_bytes))})
@@ -225,6 +236,27 @@ def _coalescing(receive: Receive, send: Send) -> Send:
             real.close()
 
     return coalesced
+
+
+def _request_ids(scope: Scope) -> tuple[str, str | None]:
+    request_id = traceparent = None
+    for name, value in scope["headers"]:
+        if name == request_context.REQUEST_ID_HEADER:
+            request_id = value
+        elif name == request_context.TRACEPARENT_HEADER:
+            traceparent = value
+    return request_context.accept_request_id(request_id), request_context.accept_traceparent(traceparent)
+
+
+def _with_request_id(send: Send, request_id: str) -> Send:
+    header = (request_context.REQUEST_ID_HEADER, request_id.encode("latin-1"))
+
+    async def send_with_id(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message.get("headers", ()), header]
+        await send(message)
+
+    return send_with_id
 
 
 def _content_length(scope: Scope) -> int | None:

@@ -9,6 +9,9 @@ Retry-After on 503).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import uuid
 from dataclasses import dataclass
 
 from grpc import StatusCode
@@ -16,6 +19,9 @@ from grpc_interceptor.exceptions import GrpcException
 from kserve.errors import InvalidInput
 
 from predictor import batcher
+from predictor.logsafe import MAX_MESSAGE_CHARS, clip
+
+log = logging.getLogger("ferry.errors")
 
 
 class InvalidRequest(InvalidInput):
@@ -24,7 +30,8 @@ class InvalidRequest(InvalidInput):
     def __init__(self, field: str, problem: str, *, status: int = 400) -> None:
         self.field = field
         self.status = status
-        super().__init__(f"{field}: {problem}")
+        # Bounded: a problem may quote what the client sent (names of unknown fields, ...).
+        super().__init__(clip(f"{field}: {problem}", MAX_MESSAGE_CHARS))
 
 
 @dataclass(frozen=True)
@@ -94,3 +101,23 @@ def serving_error(error: BaseException, retry_after_s: int) -> ServingError:
 def outcome_of(error: BaseException) -> str:
     """The closed `outcome` label value for ferry_requests_total."""
     return failure_of(error).outcome
+
+
+def internal_message(error: BaseException) -> str:
+    """An unexpected failure (a bug, not the client's doing): logged once with its traceback
+    under a fresh error id; the client gets that id and no internal text."""
+    error_id = getattr(error, "ferry_error_id", None)
+    if error_id is None:
+        error_id = uuid.uuid4().hex[:12]
+        with contextlib.suppress(AttributeError):
+            error.ferry_error_id = error_id  # type: ignore[attr-defined]
+        log.error("internal error %s serving a request", error_id, exc_info=error)
+    return f"internal error (error id {error_id}); the details are in the server log"
+
+
+def public_message(error: BaseException) -> str:
+    """What a client may read about a failure: its own mistakes and the server's state in
+    full (bounded), an unexpected failure only as an error id."""
+    if failure_of(error) is INTERNAL:
+        return internal_message(error)
+    return clip(str(error), MAX_MESSAGE_CHARS)

@@ -74,6 +74,15 @@ def check_timeout(value: Any, field: str, limits: Limits) -> float:
     return float(value)
 
 
+def check_flag(value: Any, field: str, default: bool = False) -> bool:
+    """A JSON boolean (None: the default); no truthy strings or numbers."""
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise InvalidRequest(field, f"must be true or false, got {type(value).__name__}")
+    return value
+
+
 def check_count(count: int, field: str, limits: Limits) -> None:
     if count < 1:
         raise InvalidRequest(field, "must hold at least one prompt")
@@ -92,6 +101,7 @@ def build_request(
     sampling: Sampling = GREEDY,
     incremental: bool = False,
     stop: tuple[str, ...] = (),
+    ignore_eos: bool = False,
 ) -> GenerationRequest:
     tokens = engine.tokenize(text)
     if len(tokens) > limits.max_prompt_tokens:
@@ -111,4 +121,5 @@ def build_request(
         timeout_s=timeout_s if timeout_s is not None else limits.request_timeout_s,
         incremental=incremental,
         stop=stop,
+        ignore_eos=ignore_eos,
     )

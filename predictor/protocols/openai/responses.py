@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
+from predictor import request_context
 from predictor.protocols.errors import InvalidRequest, failure_of
 from predictor.protocols.openai.schema import OpenAIError, error_body
 
@@ -23,6 +23,7 @@ class ChoiceResult:
     text: str = ""
     completion_tokens: int = 0
     finish_reason: str | None = None
+    logprobs: dict[str, Any] | None = None
 
 
 def usage(choices: Sequence[ChoiceResult]) -> dict[str, int]:
@@ -37,10 +38,11 @@ def sse(body: dict[str, Any]) -> bytes:
 
 @dataclass
 class Envelope:
-    """What every body of one completion shares: id, creation time, model."""
+    """What every body of one completion shares: id (ending with the request's X-Request-Id),
+    creation time, model."""
 
     model: str
-    id: str = field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex}")
+    id: str = field(default_factory=lambda: f"cmpl-{request_context.id_suffix()}")
     created: int = field(default_factory=lambda: int(time.time()))
 
     def _head(self) -> dict[str, Any]:
@@ -56,11 +58,15 @@ class Envelope:
         return {
             **self._head(),
             "choices": [
-                {"index": c.index, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
+                {"index": c.index, "text": c.text, "logprobs": c.logprobs, "finish_reason": c.finish_reason}
                 for c in choices
             ],
             "usage": usage(choices),
         }
+
+    def opening(self, *, with_usage: bool) -> bytes:
+        """The event a stream starts with, before any text (none for text completions)."""
+        return b""
 
     def chunk(self, index: int, text: str, finish_reason: str | None, *, with_usage: bool) -> bytes:
         body = {

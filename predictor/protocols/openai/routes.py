@@ -10,6 +10,9 @@ import orjson
 from fastapi import FastAPI
 from starlette.responses import JSONResponse
 
+from predictor.engine import EngineOutput
+from predictor.protocols.openai.chat import template_card
+from predictor.protocols.openai.logprobs import completion_logprobs, gather_scores
 from predictor.protocols.openai.responses import Envelope, error_status_and_body
 from predictor.protocols.openai.schema import OpenAIError, model_not_found, parse_completion
 from predictor.protocols.openai.serving import Completion, CompletionStream, choice
@@ -28,7 +31,13 @@ DEFAULT_PREFIX = _default_prefix()
 
 
 def model_card(model: FerryModel) -> dict[str, Any]:
-    return {"id": model.name, "object": "model", "created": 0, "owned_by": "ferry"}
+    return {
+        "id": model.name,
+        "object": "model",
+        "created": 0,
+        "owned_by": "ferry",
+        "chat_template": template_card(model),  # which template chat completions use
+    }
 
 
 def register_model_routes(app: FastAPI, model: FerryModel, prefix: str = DEFAULT_PREFIX) -> None:
@@ -57,7 +66,9 @@ async def completions(model: FerryModel, raw_body: bytes) -> dict[str, Any] | Co
     limits = model.limits
     prompts = body.prompts
     check_count(len(prompts), "prompt", limits)
-    max_tokens = check_max_new_tokens(body.max_tokens, "max_tokens", limits)
+    # echo + max_tokens 0: score the prompt, generate nothing (how evaluation harnesses ask).
+    scoring_only = body.echo and body.max_tokens == 0
+    max_tokens = 0 if scoring_only else check_max_new_tokens(body.max_tokens, "max_tokens", limits)
     sampling = body.sampling()
     requests = []
     for i, text in enumerate(prompts):
@@ -72,12 +83,24 @@ async def completions(model: FerryModel, raw_body: bytes) -> dict[str, Any] | Co
                 sampling=sampling,
                 incremental=body.stream,
                 stop=body.stops,
+                ignore_eos=body.ignore_eos,
             )
         )
     envelope = Envelope(model.name)
     if not body.stream:
-        outputs = await model.generate(requests)
+        outputs = [EngineOutput("") for _ in requests] if scoring_only else await model.generate(requests)
         choices = [choice(i, r, o) for i, (r, o) in enumerate(zip(requests, outputs, strict=True))]
+        if body.logprobs is not None:
+            scores = await gather_scores(
+                model, [r.prompt_tokens for r in requests], [o.tokens for o in outputs], body.logprobs
+            )
+            for c, r, o, scored in zip(choices, requests, outputs, scores, strict=True):
+                c.logprobs = completion_logprobs(
+                    r.prompt_tokens, o.tokens, scored, echo=body.echo, decode=model.batcher.decode
+                )
+        if body.echo:
+            for c, prompt in zip(choices, prompts, strict=True):
+                c.text = prompt + c.text
         return envelope.completion(choices)
     include_usage = body.stream_options is not None and body.stream_options.include_usage
     return CompletionStream(Completion(model.batcher, requests), envelope, include_usage)

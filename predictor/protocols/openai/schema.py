@@ -56,6 +56,20 @@ def from_validation_error(error: ValidationError) -> OpenAIError:
 # ---- the request -------------------------------------------------------------------------
 
 
+def check_stops(value: Any) -> tuple[str, ...]:
+    """`stop`: a string or up to 4 non-empty strings (completions and chat alike)."""
+    if value is None:
+        return ()
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise ValueError("must be a string or a list of strings")
+    if len(stops) > MAX_STOP_SEQUENCES:
+        raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(stops)}")
+    if any(not s for s in stops):
+        raise ValueError("stop sequences must not be empty strings")
+    return tuple(dict.fromkeys(stops))
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: bool = False
@@ -72,6 +86,7 @@ class CompletionRequest(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1)  # not OpenAI's; vLLM's extension (extra_body)
+    ignore_eos: bool = False  # vLLM's extension (extra_body): exactly max_tokens, for benchmarks
     n: int | None = None
     best_of: int | None = None
     stop: Any = Field(None, validate_default=True)
@@ -104,16 +119,7 @@ class CompletionRequest(BaseModel):
     @field_validator("stop")
     @classmethod
     def _stop(cls, value: Any) -> tuple[str, ...]:
-        if value is None:
-            return ()
-        stops = [value] if isinstance(value, str) else value
-        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-            raise ValueError("must be a string or a list of strings")
-        if len(stops) > MAX_STOP_SEQUENCES:
-            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(stops)}")
-        if any(not s for s in stops):
-            raise ValueError("stop sequences must not be empty strings")
-        return tuple(dict.fromkeys(stops))
+        return check_stops(value)
 
     @property
     def prompts(self) -> list[str]:
@@ -128,8 +134,10 @@ class CompletionRequest(BaseModel):
         unsupported: list[tuple[str, bool, str]] = [
             ("n", self.n not in (None, 1), "only n = 1 is supported (send a list of prompts)"),
             ("best_of", self.best_of not in (None, 1), "only best_of = 1 is supported"),
-            ("logprobs", self.logprobs is not None, "logprobs are not supported"),
-            ("echo", self.echo, "echo is not supported"),
+            ("logprobs", self.logprobs is not None and not 0 <= self.logprobs <= 5, "must be between 0 and 5"),
+            ("logprobs", self.logprobs is not None and self.stream, "logprobs are not supported when streaming"),
+            ("echo", self.echo and self.stream, "echo is not supported when streaming"),
+            ("max_tokens", self.max_tokens == 0 and not self.echo, "0 is only allowed with echo (prompt scoring)"),
             ("suffix", self.suffix is not None, "suffix (insertion) is not supported"),
             ("presence_penalty", self.presence_penalty not in (None, 0), "only 0 is supported"),
             ("frequency_penalty", self.frequency_penalty not in (None, 0), "only 0 is supported"),
@@ -145,15 +153,18 @@ class CompletionRequest(BaseModel):
                 raise OpenAIError(f"{param}: {message}", param=param)
 
     def sampling(self) -> Sampling:
-        """temperature 0 (or top_k 1) is greedy, which every greedy request shares a batch with.
-        Otherwise sample: OpenAI's defaults temperature 1 and top_p 1, top_k unlimited unless
-        given. `seed` is accepted but not part of the settings (see docs/openai.md)."""
-        temperature = 1.0 if self.temperature is None else self.temperature
-        top_k = 0 if self.top_k in (None, -1) else self.top_k
-        if temperature == 0 or top_k == 1:
-            return GREEDY
-        top_p = 1.0 if self.top_p is None else self.top_p
-        return Sampling(temperature=temperature, top_k=top_k, top_p=top_p)
+        return sampling_of(self.temperature, self.top_k, self.top_p)
+
+
+def sampling_of(temperature: float | None, top_k: int | None, top_p: float | None) -> Sampling:
+    """temperature 0 (or top_k 1) is greedy, which every greedy request shares a batch with.
+    Otherwise sample: OpenAI's defaults temperature 1 and top_p 1, top_k unlimited unless
+    given. `seed` is accepted but not part of the settings (see docs/openai.md)."""
+    temperature = 1.0 if temperature is None else temperature
+    top_k = 0 if top_k in (None, -1) else top_k
+    if temperature == 0 or top_k == 1:
+        return GREEDY
+    return Sampling(temperature=temperature, top_k=top_k, top_p=1.0 if top_p is None else top_p)
 
 
 def parse_completion(payload: Any) -> CompletionRequest:

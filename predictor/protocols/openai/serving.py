@@ -20,7 +20,8 @@ log = logging.getLogger("ferry.openai")
 
 
 def choice(index: int, request: GenerationRequest, output: EngineOutput) -> ChoiceResult:
-    reason = "stop" if output.finish_reason == "stop" else "length"
+    # OpenAI's "stop": a stop string or the model's end token (ferry's "eos").
+    reason = "stop" if output.finish_reason in ("stop", "eos") else "length"
     return ChoiceResult(index, len(request.prompt_tokens), output.text, output.generated_tokens, reason)
 
 
@@ -87,6 +88,9 @@ class CompletionStream:
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         try:
+            opening = self.envelope.opening(with_usage=self.include_usage)
+            if opening:
+                yield opening
             async for index, event in self.completion.events():
                 if isinstance(event, TextDelta):
                     yield self.envelope.chunk(index, event.text, None, with_usage=self.include_usage)
