@@ -29,8 +29,10 @@ $(VENV)/.stamp-runtime: pyproject.toml
 	$(PIP) install -q -e .
 	touch $@
 
+# `convert` (torch + transformers) too: tests/test_convert.py checks converted weights against
+# transformers' own generate.
 $(VENV)/.stamp-dev: $(VENV)/.stamp-runtime pyproject.toml
-	$(PIP) install -q -e '.[dev,loadtest]'
+	$(PIP) install -q -e '.[dev,loadtest,convert]'
 	touch $@
 
 $(MODEL_DIR)/model.bin: | $(VENV)/.stamp-runtime

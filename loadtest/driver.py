@@ -224,12 +224,21 @@ async def drive(
 
 
 def generate_body(prompt: str, max_new_tokens: int) -> bytes:
-    return json.dumps({"text": prompt, "max_new_tokens": max_new_tokens}).encode()
+    """The write-up's body plus `ignore_eos`: exactly max_new_tokens, whatever the weights."""
+    return json.dumps({"text": prompt, "max_new_tokens": max_new_tokens, "ignore_eos": True}).encode()
 
 
 def openai_stream_body(model: str, prompt: str, max_tokens: int) -> bytes:
-    """A greedy streamed completion (temperature 0, so it shares batches with /generate)."""
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    """A greedy streamed completion (temperature 0 and ignore_eos, so it shares batches with
+    /generate)."""
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+    }
     return json.dumps(body).encode()
 
 

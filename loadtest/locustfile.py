@@ -115,7 +115,7 @@ class GenerateUser(_FerryHttpUser):
 
     @task
     def generate(self) -> None:
-        self.post_json("/generate", {"text": self.prompt, "max_new_tokens": self.max_new_tokens})
+        self.post_json("/generate", {"text": self.prompt, "max_new_tokens": self.max_new_tokens, "ignore_eos": True})
 
     def check(self, data: Any) -> str | None:
         if not isinstance(data, dict) or "generated_text" not in data:
@@ -134,10 +134,10 @@ class MixedGenerateUser(GenerateUser):
     @task
     def generate(self) -> None:
         if random.random() < self.long_fraction:
-            body = {"text": self.prompt, "max_new_tokens": self.long_tokens}
+            body = {"text": self.prompt, "max_new_tokens": self.long_tokens, "ignore_eos": True}
             self.post_json("/generate", body, name="/generate [long]")
         else:
-            body = {"text": self.prompt, "max_new_tokens": self.max_new_tokens}
+            body = {"text": self.prompt, "max_new_tokens": self.max_new_tokens, "ignore_eos": True}
             self.post_json("/generate", body, name="/generate [short]")
 
 
@@ -146,7 +146,7 @@ class V1User(_FerryHttpUser):
 
     @task
     def predict(self) -> None:
-        body = {"instances": [{"text": self.prompt, "max_new_tokens": self.max_new_tokens}]}
+        body = {"instances": [{"text": self.prompt, "max_new_tokens": self.max_new_tokens, "ignore_eos": True}]}
         self.post_json(f"/v1/models/{self.model_name}:predict", body, name="/v1/models/:predict")
 
     def check(self, data: Any) -> str | None:
@@ -160,7 +160,8 @@ def v2_body(prompt: str, max_new_tokens: int) -> dict[str, Any]:
         "inputs": [
             {"name": "text", "shape": [1], "datatype": "BYTES", "data": [prompt]},
             {"name": "max_new_tokens", "shape": [1], "datatype": "INT32", "data": [max_new_tokens]},
-        ]
+        ],
+        "parameters": {"ignore_eos": True},
     }
 
 
@@ -184,7 +185,12 @@ class OpenAICompletionsUser(_FerryHttpUser):
 
     @task
     def complete(self) -> None:
-        body = {"model": self.model_name, "prompt": self.prompt, "max_tokens": self.max_new_tokens}
+        body = {
+            "model": self.model_name,
+            "prompt": self.prompt,
+            "max_tokens": self.max_new_tokens,
+            "ignore_eos": True,
+        }
         self.post_json("/openai/v1/completions", body)
 
     def check(self, data: Any) -> str | None:
@@ -232,6 +238,7 @@ class V2GrpcUser(User):
                     contents=pb.InferTensorContents(int_contents=[tokens]),
                 ),
             ],
+            parameters={"ignore_eos": pb.InferParameter(bool_param=True)},
         )
 
     def _default_target(self) -> str:

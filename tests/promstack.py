@@ -300,6 +300,9 @@ async def _drive(url: str, model_name: str, phases: tuple[Phase, ...], report: L
                     r = await client.post("/generate", json={"text": PROMPT, "max_new_tokens": 64})
                 elif kind == "timeout":  # a deadline shorter than the queue wait: 504
                     r = await client.post("/generate", json={"text": PROMPT, "timeout_s": 0.001})
+                elif kind == "stream":  # a streamed OpenAI completion: time to first token
+                    streamed = {"model": model_name, "prompt": PROMPT, "max_tokens": 8, "stream": True}
+                    r = await client.post("/openai/v1/completions", json=streamed)
                 elif kind == "client_error":  # over the max_new_tokens limit: 400
                     too_many = {"text": PROMPT, "max_new_tokens": 10**6}
                     r = await client.post("/generate", json=too_many)
@@ -323,7 +326,7 @@ async def _drive(url: str, model_name: str, phases: tuple[Phase, ...], report: L
             until = time.monotonic() + phase.seconds
             workers = [asyncio.create_task(worker(i, until)) for i in range(phase.workers)]
             # Each phase also brings a few timeouts, cancellations and client mistakes ...
-            extras = ("timeout", "cancel", "client_error") * 3
+            extras = ("timeout", "cancel", "client_error", "stream") * 3
             await asyncio.gather(*(call(kind) for kind in extras))
             # ... and, under load, a burst of long requests far larger than the queue: the
             # engine cannot drain it while it arrives, so part of it is rejected (503).

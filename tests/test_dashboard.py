@@ -20,7 +20,7 @@ ROWS = [p["title"] for p in DASH["panels"] if p["type"] == "row"]
 
 
 def test_rows_in_order() -> None:
-    assert ROWS == ["Overview", "Batching", "Engine", "Errors"]
+    assert ROWS == ["Overview", "Batching", "Engine", "Errors", "Requests"]
 
 
 def test_variables_datasource_namespace_model_name() -> None:

@@ -36,13 +36,27 @@ EXPECTED = {
     "ferry_batch_generated_tokens": "histogram",
     "ferry_batch_size": "histogram",
     "ferry_model_info": "gauge",  # an Info: one series, value 1, the facts in its labels
+    # per request, labelled by model_name
+    "ferry_request_prompt_tokens": "histogram",
+    "ferry_request_generation_tokens": "histogram",
+    "ferry_time_per_output_token_seconds": "histogram",
+    "ferry_inter_token_latency_seconds": "histogram",
+    "ferry_requests_finished": "counter",
 }
 CLOSED_LABELS = {
     "protocol": set(metrics.PROTOCOLS),
     "outcome": set(metrics.OUTCOMES),
     "reason": set(metrics.REJECT_REASONS),
     "stage": set(metrics.STAGES),
+    "finish_reason": set(metrics.FINISH_REASONS),
 }
+PER_REQUEST = (
+    "ferry_request_prompt_tokens",
+    "ferry_request_generation_tokens",
+    "ferry_time_per_output_token_seconds",
+    "ferry_inter_token_latency_seconds",
+    "ferry_requests_finished",
+)
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +141,27 @@ def test_values_after_a_few_requests(exposition: str) -> None:
         "name": "opt-125m", "kind": "simulated", "device": "simulated", "compute_type": "none",
         "slots": "1", "threads_per_slot": "0", "lone_batch_threads": "0",
     }
+
+
+def test_per_request_series_carry_model_name(exposition: str) -> None:
+    families = _families(exposition)
+    for name in PER_REQUEST:
+        samples = families[name].samples
+        assert samples, name
+        assert {s.labels.get("model_name") for s in samples} == {"opt-125m"}, name
+    values = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for name in PER_REQUEST
+        for s in families[name].samples
+    }
+    model = (("model_name", "opt-125m"),)
+    # 3 x /generate (4 tokens each) + 1 x V1 (the default count), all ended by their length.
+    assert values[("ferry_requests_finished_total", (("finish_reason", "length"), *model))] == 4
+    assert values[("ferry_requests_finished_total", (("finish_reason", "eos"), *model))] == 0
+    assert values[("ferry_request_generation_tokens_count", model)] == 4
+    assert values[("ferry_request_generation_tokens_sum", model)] == 3 * 4 + FERRY_SETTINGS["default_max_new_tokens"]
+    assert values[("ferry_request_prompt_tokens_count", model)] == 4
+    assert values[("ferry_time_per_output_token_seconds_count", model)] == 4
 
 
 def test_kserve_histograms_are_kept(exposition: str) -> None:

@@ -102,7 +102,7 @@ def test_completion(client: openai.OpenAI, ferry: FerryProcess) -> None:
         f"{ferry.url}/generate", json={"text": REFERENCE_PROMPT, "max_new_tokens": 8}, timeout=30
     )
     assert choice.text == plain.json()["generated_text"]
-    # 9 BPE tokens + OPT's leading </s> (MEASURED.md); exactly max_tokens generated.
+    # 9 BPE tokens + OPT's leading </s>; exactly max_tokens generated.
     assert result.usage is not None
     assert (
         result.usage.prompt_tokens,
@@ -243,8 +243,9 @@ def test_sampling_parameters_accepted(client: openai.OpenAI, ferry: FerryProcess
 BAD_PARAMETERS: list[tuple[dict[str, Any], str]] = [
     ({"n": 2}, "n"),
     ({"best_of": 3}, "best_of"),
-    ({"logprobs": 2}, "logprobs"),
-    ({"echo": True}, "echo"),
+    ({"logprobs": 6}, "logprobs"),
+    ({"logprobs": 1, "stream": True}, "logprobs"),
+    ({"echo": True, "stream": True}, "echo"),
     ({"suffix": "x"}, "suffix"),
     ({"presence_penalty": 0.5}, "presence_penalty"),
     ({"frequency_penalty": 1.0}, "frequency_penalty"),

@@ -122,6 +122,16 @@ CHECKS: dict[tuple[str, str], tuple[str, Check]] = {
     ("Cancellations by stage", "A"): ("> 0", POSITIVE),
     ("5xx by outcome", "A"): ("> 0", POSITIVE),
     ("Non-OK calls by outcome", "A"): ("> 0", POSITIVE),
+    # Per-request series (model_name label): the load's mixed lengths decode step by step.
+    ("Time per output token", "A"): ("> 0", POSITIVE),
+    ("Time per output token", "B"): ("> 0", POSITIVE),
+    ("Time per output token", "C"): ("> 0", POSITIVE),
+    ("Time per output token", "D"): ("> 0", POSITIVE),
+    ("Request lengths", "A"): ("> 0", POSITIVE),
+    ("Request lengths", "B"): ("> 0", POSITIVE),
+    ("Request lengths", "C"): ("> 0", POSITIVE),
+    ("Request lengths", "D"): ("> 0", POSITIVE),
+    ("Requests by finish reason", "A"): ("> 0", POSITIVE),
 }
 
 

@@ -64,7 +64,8 @@ def parse_generate(engine: Engine, payload: Any) -> EngineItem:
     tokens = payload.get("max_new_tokens", 16)
     if not isinstance(tokens, int) or not 1 <= tokens <= MAX_NEW_TOKENS_LIMIT:
         raise HTTPException(422, f"max_new_tokens must be an integer in 1..{MAX_NEW_TOKENS_LIMIT}")
-    return EngineItem(engine.tokenize(payload["text"]), tokens)
+    # ignore_eos as ferry reads it: the benchmark's body asks for exactly max_new_tokens.
+    return EngineItem(engine.tokenize(payload["text"]), tokens, ignore_eos=payload.get("ignore_eos") is True)
 
 
 def answer(output: EngineOutput) -> dict[str, Any]:

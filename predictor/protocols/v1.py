@@ -1,7 +1,8 @@
 """KServe V1: {"instances": [...]} -> {"predictions": [...]}.
 
-An instance is a prompt string or {"text": ..., "max_new_tokens": ...}; request-wide
-`parameters` may set max_new_tokens and timeout_s for instances that don't.
+An instance is a prompt string or {"text": ..., "max_new_tokens": ..., "ignore_eos": ...};
+request-wide `parameters` may set max_new_tokens, ignore_eos and timeout_s for instances that
+don't. Generation ends at the model's end token unless ignore_eos is true.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from predictor.protocols.requests import (
     Limits,
     build_request,
     check_count,
+    check_flag,
     check_max_new_tokens,
     check_text,
     check_timeout,
@@ -38,13 +40,16 @@ def parse(payload: Any, engine: Engine, limits: Limits) -> list[GenerationReques
         parameters.get("max_new_tokens"), "parameters.max_new_tokens", limits
     )
     timeout_s = check_timeout(parameters.get("timeout_s"), "parameters.timeout_s", limits)
+    default_ignore_eos = check_flag(parameters.get("ignore_eos"), "parameters.ignore_eos")
     requests = []
     for i, instance in enumerate(instances):
         where = f"instances[{i}]"
         if isinstance(instance, dict):
-            unknown = set(instance) - {"text", "max_new_tokens"}
+            unknown = set(instance) - {"text", "max_new_tokens", "ignore_eos"}
             if unknown:
-                raise InvalidRequest(where, f"unknown field(s) {sorted(unknown)}; allowed: text, max_new_tokens")
+                raise InvalidRequest(
+                    where, f"unknown field(s) {sorted(unknown)}; allowed: text, max_new_tokens, ignore_eos"
+                )
             if "text" not in instance:
                 raise InvalidRequest(f"{where}.text", "is required")
             text = check_text(instance["text"], f"{where}.text")
@@ -53,10 +58,14 @@ def parse(payload: Any, engine: Engine, limits: Limits) -> list[GenerationReques
                 if instance.get("max_new_tokens") is not None
                 else default_tokens
             )
+            ignore_eos = check_flag(instance.get("ignore_eos"), f"{where}.ignore_eos", default_ignore_eos)
         else:
             text = check_text(instance, where)
             tokens = default_tokens
-        requests.append(build_request(engine, text, tokens, limits, field=where, timeout_s=timeout_s))
+            ignore_eos = default_ignore_eos
+        requests.append(
+            build_request(engine, text, tokens, limits, field=where, timeout_s=timeout_s, ignore_eos=ignore_eos)
+        )
     return requests
 
 

@@ -1,7 +1,8 @@
 """Open Inference Protocol (KServe V2), REST and gRPC alike (KServe hands both as InferRequest).
 
 Inputs: `text` BYTES [N]; optional `max_new_tokens` INT32/INT64 [N] or [1]. Request parameters
-`max_new_tokens` and `timeout_s` apply to every prompt. Outputs: `generated_text` BYTES [N] and
+`max_new_tokens`, `ignore_eos` (bool: exactly max_new_tokens; otherwise the model's end token
+ends a sequence) and `timeout_s` apply to every prompt. Outputs: `generated_text` BYTES [N] and
 `generated_tokens` INT32 [N].
 """
 
@@ -19,6 +20,7 @@ from predictor.protocols.requests import (
     Limits,
     build_request,
     check_count,
+    check_flag,
     check_max_new_tokens,
     check_text,
     check_timeout,
@@ -50,9 +52,9 @@ def _parameter(parameters: Any, name: str) -> Any:
     if not parameters or name not in parameters:
         return None
     value = parameters[name]
-    for kind in ("int64_param", "double_param", "string_param", "bool_param"):  # gRPC InferParameter
-        if hasattr(value, "HasField") and value.HasField(kind):
-            return getattr(value, kind)
+    if hasattr(value, "ListFields"):  # gRPC InferParameter: whichever of its oneof is set
+        fields = value.ListFields()
+        return fields[0][1] if fields else None
     return value
 
 
@@ -75,6 +77,7 @@ def parse(request: InferRequest, engine: Engine, limits: Limits) -> list[Generat
         _parameter(request.parameters, "max_new_tokens"), "parameters.max_new_tokens", limits
     )
     timeout_s = check_timeout(_parameter(request.parameters, "timeout_s"), "parameters.timeout_s", limits)
+    ignore_eos = check_flag(_parameter(request.parameters, "ignore_eos"), "parameters.ignore_eos")
     token_counts = [default_tokens] * len(texts)
     tokens_tensor = by_name.get("max_new_tokens")
     if tokens_tensor is not None:
@@ -96,7 +99,11 @@ def parse(request: InferRequest, engine: Engine, limits: Limits) -> list[Generat
     requests = []
     for i, (raw, count) in enumerate(zip(texts, token_counts, strict=True)):
         text = check_text(raw, f"inputs.text[{i}]")
-        requests.append(build_request(engine, text, count, limits, field=f"inputs.text[{i}]", timeout_s=timeout_s))
+        requests.append(
+            build_request(
+                engine, text, count, limits, field=f"inputs.text[{i}]", timeout_s=timeout_s, ignore_eos=ignore_eos
+            )
+        )
     return requests
 
 

@@ -1,0 +1,122 @@
+"""Which request a piece of work belongs to: `X-Request-Id` (read or generated) and W3C
+`traceparent`, held in context variables for the task that serves the request, so that every
+log line written while serving it carries them (`RequestContextFilter`), in text or JSON.
+
+The HTTP front sets them per request (and returns `X-Request-Id` on every answer, errors and
+event streams alike); the gRPC interceptor does the same from metadata.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from contextvars import ContextVar, Token
+from typing import Any
+
+REQUEST_ID_HEADER = b"x-request-id"
+TRACEPARENT_HEADER = b"traceparent"
+
+_request_id: ContextVar[str | None] = ContextVar("ferry_request_id", default=None)
+_traceparent: ContextVar[str | None] = ContextVar("ferry_traceparent", default=None)
+
+# What a client may send as its id: printable, no spaces, bounded (it is echoed and logged).
+_VALID_ID = re.compile(r"[A-Za-z0-9._~:/+=@-]{1,128}")
+# W3C trace context: version-traceid-parentid-flags.
+_VALID_TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def accept_request_id(value: str | bytes | None) -> str:
+    """The client's id when it is usable, else a new one."""
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    if value and _VALID_ID.fullmatch(value):
+        return value
+    return new_request_id()
+
+
+def accept_traceparent(value: str | bytes | None) -> str | None:
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    if value and _VALID_TRACEPARENT.fullmatch(value.strip().lower()):
+        return value.strip().lower()
+    return None
+
+
+def bind(request_id: str, traceparent: str | None = None) -> tuple[Token[str | None], Token[str | None]]:
+    return _request_id.set(request_id), _traceparent.set(traceparent)
+
+
+def unbind(tokens: tuple[Token[str | None], Token[str | None]]) -> None:
+    _request_id.reset(tokens[0])
+    _traceparent.reset(tokens[1])
+
+
+def current_request_id() -> str | None:
+    return _request_id.get()
+
+
+def current_traceparent() -> str | None:
+    return _traceparent.get()
+
+
+def id_suffix() -> str:
+    """The current request's id (OpenAI ids end with it), or a new one outside a request."""
+    return _request_id.get() or new_request_id()
+
+
+class RequestContextFilter(logging.Filter):
+    """Adds `request_id` and `traceparent` to every record (None outside a request); in text
+    logs, a line about a request ends with `[request_id=... traceparent=...]`."""
+
+    def __init__(self, append_to_message: bool = True) -> None:
+        super().__init__()
+        self.append_to_message = append_to_message
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        request_id = _request_id.get()
+        traceparent = _traceparent.get()
+        if getattr(record, "request_id", None) is None:
+            record.__dict__["request_id"] = request_id
+            record.__dict__["traceparent"] = traceparent
+            if self.append_to_message and request_id is not None and not record.__dict__.get("_ferry_tagged"):
+                tag = f"request_id={request_id}" + (f" traceparent={traceparent}" if traceparent else "")
+                record.msg = f"{record.msg} [{tag}]"
+                record.__dict__["_ferry_tagged"] = True
+        return True
+
+
+def json_formatter() -> logging.Formatter:
+    """python-json-logger's formatter: one JSON object per line, with the request fields."""
+    try:
+        from pythonjsonlogger.json import JsonFormatter
+    except ImportError:  # python-json-logger < 3.1
+        from pythonjsonlogger.jsonlogger import JsonFormatter
+
+    return JsonFormatter(
+        "%(asctime)s %(levelname)s %(name)s %(message)s %(request_id)s %(traceparent)s",
+        rename_fields={"levelname": "level", "asctime": "time", "name": "logger"},
+    )
+
+
+def configure_logging(log_format: str, loggers: tuple[str, ...] = ("ferry", "kserve", "uvicorn")) -> None:
+    """Installs the filter (and, for json, the formatter) on the handlers of ferry's, KServe's
+    and uvicorn's loggers and on the root logger's."""
+    seen: set[int] = set()
+    handlers: list[logging.Handler] = []
+    for name in (*loggers, "uvicorn.access", "uvicorn.error", "kserve.trace", ""):
+        for handler in logging.getLogger(name).handlers:
+            if id(handler) not in seen:
+                seen.add(id(handler))
+                handlers.append(handler)
+    as_json = log_format == "json"
+    formatter: Any = json_formatter() if as_json else None
+    for handler in handlers:
+        if not any(isinstance(f, RequestContextFilter) for f in handler.filters):
+            handler.addFilter(RequestContextFilter(append_to_message=not as_json))
+        if formatter is not None:
+            handler.setFormatter(formatter)
