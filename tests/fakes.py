@@ -84,8 +84,8 @@ class GatedEngine:
                 for i, item in enumerate(items):
                     if not tracker.done[i]:
                         tracker.step(i, f"{item.prompt_tokens[-1]}{len(item.generated)}")
+                call.steps_run = step + 1  # before the flush hands the step's answers to the loop
                 listener.flush()
-                call.steps_run = step + 1
                 if all(tracker.done):
                     break
             tracker.finish_all()
