@@ -16,6 +16,16 @@ Scenarios (each starts and stops its own server, whatever happens):
                engine: the engine computes at most the kept half plus what was already running.
 - soak         the real CTranslate2 model (models/opt-125m): capacity from a 40-user closed loop,
                then ~80 % of it open-loop for SOAK_S: no error, RSS flat after a warm-up.
+- slow_clients stalled sockets (idle, partial headers, short body, unfinished chunked body) fill
+               the connection cap: liveness and readiness still answer within 1 s, each stalled
+               request is cut off within its read timeout (408), ordinary requests are served
+               again after; then SIGTERM with stalled sockets open exits 0 within grace + 5 s,
+               answering 503 until then (issue 12).
+- inputs       one request of each hostile input class (credentials, control routes, huge or
+               countless headers, chunked bodies over the limit, 1 MB prompts, V2 binary-data
+               extension, gRPC parameter kinds and a 7 MB message, sampling extremes, log
+               injection) against the tiny CTranslate2 model with an API key: each answered its
+               4xx, zero 5xx, no traceback or forged line in the log.
 
 Results: a table and verdicts on stdout, bench-results/reliability-<timestamp>.{json,md}; server
 logs in bench-results/reliability-<timestamp>-logs/. Exit status 1 when any criterion fails.
@@ -44,6 +54,7 @@ from typing import Any
 import aiohttp
 import psutil
 
+from loadtest import hostile
 from loadtest.driver import drive, generate_body, install_fast_loop, percentile
 from loadtest.procs import Server, http_get, start_ferry
 
@@ -152,6 +163,13 @@ class Options:
     soak_users: int = 40
     inter_threads: int = 2
     intra_threads: int = 1
+    # slow clients: ferry's default read timeouts; the cap filled with stalled sockets
+    slow_cap: int = 64
+    slow_header_timeout_s: float = 10.0
+    slow_body_timeout_s: float = 20.0
+    slow_grace_s: float = 5.0
+    # input classes
+    inputs_model_dir: Path = Path("models/tiny")
     seed: int = 0
 
     @classmethod
@@ -165,6 +183,8 @@ class Options:
             "soak_s": 20.0,
             "soak_warmup_s": 5.0,
             "soak_capacity_s": 6.0,
+            "slow_header_timeout_s": 2.0,
+            "slow_body_timeout_s": 3.0,
         }
         values.update(overrides)
         return cls(**values)
@@ -1008,10 +1028,103 @@ async def soak(opts: Options, log_dir: Path) -> ScenarioResult:
     return res
 
 
+async def slow_clients(opts: Options, log_dir: Path) -> ScenarioResult:
+    """Stalled sockets fill the connection cap; probes answer, stalled requests are cut off;
+    then SIGTERM with stalled sockets open."""
+    res = ScenarioResult("slow_clients")
+    header_s, body_s = opts.slow_header_timeout_s, opts.slow_body_timeout_s
+    settings = {
+        **SimProfile(prefill_s=0.002, step_s=0.0005).settings(),
+        "max_connections": opts.slow_cap,
+        "header_timeout_s": header_s,
+        "body_timeout_s": body_s,
+        "drain_grace_s": opts.slow_grace_s,
+    }
+    server = await asyncio.to_thread(launch, "slow-clients", log_dir, settings)
+    try:
+        figures = await asyncio.to_thread(
+            hostile.slow_clients, server, cap=opts.slow_cap, header_timeout_s=header_s, body_timeout_s=body_s,
+            model=MODEL_NAME,
+        )  # fmt: skip
+        shutdown = await asyncio.to_thread(hostile.sigterm_with_stalled, server, opts.slow_grace_s)
+    finally:
+        await asyncio.to_thread(stop, server)
+    res.figures.update(figures)
+    res.figures["sigterm"] = shutdown
+    res.check(
+        "probes answered with the cap full of stalled sockets",
+        figures["probe_statuses"] == [200] and figures["probe_max_ms"] < 1000,
+        f"{figures['probes']} probes with {figures['stalled_sockets']} stalled sockets held: statuses"
+        f" {figures['probe_statuses']}, p50 {figures['probe_p50_ms']:.1f} ms, max {figures['probe_max_ms']:.1f} ms;"
+        f" other requests meanwhile: {figures['other_requests_while_full']}",
+    )
+    limits = figures["cut_off_limit_s"]
+    res.check(
+        "every stalled request cut off within its read timeout",
+        all(seconds <= limits[kind] + 1.0 for kind, seconds in figures["cut_off_s"].items()),
+        f"cut off after {figures['cut_off_s']} s (timeouts {limits} s)",
+    )
+    partial = {k: v for k, v in figures["answered"].items() if k != "idle"}
+    res.check(
+        "partial requests answered 408",
+        all(statuses == [408] for statuses in partial.values()),
+        f"answers: {figures['answered']} (an idle connection is closed without one)",
+    )
+    res.check("served again once they are cut", figures["after"] == {"200": 20}, f"after: {figures['after']}")
+    res.check(
+        "SIGTERM with stalled sockets: exit 0 within grace + 5 s, 503 until then",
+        shutdown["exit_code"] == 0
+        and shutdown["sigterm_to_exit_s"] <= opts.slow_grace_s + 5
+        and set(shutdown["answers_before_exit"]) <= {"200", "503"},
+        f"exit {shutdown['exit_code']} after {shutdown['sigterm_to_exit_s']} s (grace {opts.slow_grace_s:g} s);"
+        f" new requests before exit: {shutdown['answers_before_exit']}",
+    )
+    return res
+
+
+async def inputs(opts: Options, log_dir: Path) -> ScenarioResult:
+    """One request of each hostile input class: the expected 4xx, never a 5xx."""
+    res = ScenarioResult("inputs")
+    key = "reliability-" + "k" * 20
+    max_body = 1_048_576
+    settings = {"model_dir": opts.inputs_model_dir, "api_key": key, "max_body_bytes": max_body}
+    server = await asyncio.to_thread(launch, "inputs", log_dir, settings)
+    try:
+        figures = await asyncio.to_thread(
+            hostile.input_classes, server, key=key, model=MODEL_NAME, grpc_target=server.extra["grpc_target"],
+            max_body_bytes=max_body,
+        )  # fmt: skip
+    finally:
+        await asyncio.to_thread(stop, server)
+    res.figures.update(figures)
+    res.check(
+        "every input class answered as expected",
+        not figures["unexpected"],
+        f"{figures['classes']} classes; unexpected: {figures['unexpected'] or 'none'}",
+    )
+    res.check("zero 5xx", figures["server_errors"] == 0, f"{figures['server_errors']} 5xx / INTERNAL answers")
+    res.check(
+        "limits before work",
+        figures["probe_max_ms_during_1mb_prompts"] < 150 and figures["grpc_7mb_refused_s"] < 1.5,
+        f"liveness probe <= {figures['probe_max_ms_during_1mb_prompts']:.1f} ms during the 1 MB prompts;"
+        f" 7 MB gRPC prompt refused in {figures['grpc_7mb_refused_s']} s",
+    )
+    res.check(
+        "clean logs",
+        not figures["traceback_in_log"] and not figures["forged_line_in_log"]
+        and figures["900kb_field_answer_bytes"] < 2000,
+        f"traceback in log: {figures['traceback_in_log']}, forged line: {figures['forged_line_in_log']},"
+        f" answer to a 900 KB field name: {figures['900kb_field_answer_bytes']} bytes",
+    )
+    return res
+
+
 SCENARIOS: dict[str, Callable[[Options, Path], Awaitable[ScenarioResult]]] = {
     "faults": faults,
     "disconnects": disconnects,
     "drain": drain,
+    "slow_clients": slow_clients,
+    "inputs": inputs,
     "overload": overload,
     "soak": soak,
 }
@@ -1025,6 +1138,8 @@ def scenario_bound_s(name: str, opts: Options) -> float:
         "drain": opts.drain_steady_s + opts.drain_grace_s + 180.0,
         "overload": opts.peak_s + opts.overload_s + 240.0,
         "soak": opts.soak_capacity_s + opts.soak_s + 300.0,
+        "slow_clients": opts.slow_header_timeout_s + opts.slow_body_timeout_s + opts.slow_grace_s + 180.0,
+        "inputs": 240.0,
     }[name]
 
 

@@ -21,6 +21,7 @@ import contextlib
 import logging
 import math
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -60,8 +61,15 @@ class DeadlineExceeded(BatcherError):
 
 
 class EngineFailed(BatcherError):
-    def __init__(self, cause: BaseException) -> None:
-        super().__init__(f"the engine failed on this request's batch: {type(cause).__name__}: {cause}")
+    """The engine raised on a batch: its requests get this generic message and the error id of
+    the one log line (with the traceback) that holds the detail."""
+
+    def __init__(self, cause: BaseException, error_id: str = "") -> None:
+        self.cause = cause
+        self.error_id = error_id or uuid.uuid4().hex[:12]
+        super().__init__(
+            f"the engine failed on this request's batch (error id {self.error_id}); the details are in the server log"
+        )
 
 
 @dataclass(eq=False)
@@ -559,17 +567,18 @@ class Batcher:
         try:
             await call
         except Exception as exc:
+            error = EngineFailed(exc)
             log.error(
-                "engine failed on a batch of %d: %r (request ids %s)",
+                "engine failed on a batch of %d (error id %s; request ids %s)",
                 len(batch),
-                exc,
+                error.error_id,
                 ",".join(t.request_id or "-" for t in batch),
+                exc_info=exc,
             )
             metrics.ENGINE_FAILURES.inc()
             # Answers the engine handed over before failing were queued on the loop ahead of this
             # resumption (call_soon_threadsafe is FIFO); what it had not flushed is delivered now.
             self._deliver(listener.take())
-            error = EngineFailed(exc)
             for ticket in batch:
                 ticket._fail(error)
         else:

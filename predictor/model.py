@@ -18,7 +18,7 @@ from predictor.batcher import Batcher, BatcherError, Draining, GenerationRequest
 from predictor.engine import CTranslate2Engine, Engine, EngineOutput, LatencyModel, SimulatedEngine
 from predictor.protocols import v1, v2
 from predictor.protocols.errors import outcome_of, serving_error
-from predictor.protocols.requests import Limits
+from predictor.protocols.requests import Limits, off_loop, payload_chars
 from predictor.settings import Settings
 
 log = logging.getLogger("ferry.model")
@@ -83,6 +83,7 @@ class FerryModel(kserve.Model):
         self._batcher: Batcher | None = None
         self.engine = True  # KServe: run start_engine() on the serving loop
         self.draining = False
+        self.serving = False  # the batcher's consumer is running
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -141,8 +142,16 @@ class FerryModel(kserve.Model):
 
     async def start_engine(self) -> None:
         self.ready = True
-        await self.batcher.run()
+        self.serving = True
+        try:
+            await self.batcher.run()
+        finally:
+            self.serving = False  # liveness fails from here on unless the server is stopping
         log.info("batcher stopped")
+
+    def alive(self) -> bool:
+        """Liveness: the batcher's consumer runs (or the server is draining on purpose)."""
+        return self.draining or (self.ready and self.serving)
 
     def stop_engine(self) -> None:
         self.ready = False
@@ -192,12 +201,12 @@ class FerryModel(kserve.Model):
         if isinstance(payload, InferRequest):
             with self.observe("grpc" if payload.from_grpc else "v2"):
                 self.check_accepting()
-                requests = v2.parse(payload, self.generator, self.limits)
+                requests = await off_loop(payload_chars(payload), v2.parse, payload, self.generator, self.limits)
                 outputs = await self.generate(requests)
                 return v2.response(payload, self.name, outputs)
         with self.observe("v1"):
             self.check_accepting()
-            requests = v1.parse(payload, self.generator, self.limits)
+            requests = await off_loop(payload_chars(payload), v1.parse, payload, self.generator, self.limits)
             return v1.response(await self.generate(requests))
 
     # ---- V2 metadata -----------------------------------------------------------------

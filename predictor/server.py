@@ -5,7 +5,13 @@
   for every route; model metadata that says which weights are served on KServe's app;
 - the bind address (KServe hard-codes 0.0.0.0 / [::]; tests bind 127.0.0.1);
 - a drain phase on SIGTERM: not ready and refusing new work at once, admitted work finishes
-  within the grace period, then KServe's own shutdown runs and the process exits 0.
+  within the grace period, then KServe's own shutdown runs and the process exits 0; the
+  listener answers 503 + Retry-After until then, and stalled clients never hold it up;
+- what a network needs (docs/security.md): the API key (front and gRPC interceptor), TLS from
+  KServe's --ssl_* flags for REST and gRPC alike, header limits and read timeouts
+  (`predictor.front.guard`), model repository routes off unless enabled, no tracebacks or
+  internal text for client errors (`predictor.front.kserve_errors`), liveness that fails when
+  the model stops serving (`predictor.dataplane`).
 """
 
 from __future__ import annotations
@@ -13,11 +19,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
+import ssl
 from collections.abc import Callable
 from concurrent import futures
 from types import FrameType
 from typing import Any
 
+import grpc
 import kserve
 import orjson
 from fastapi import FastAPI, Request
@@ -25,22 +34,27 @@ from fastapi.responses import JSONResponse
 from grpc import aio
 from kserve.model_server import app as kserve_app
 from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
-from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor
 from kserve.protocol.grpc.server import GRPCServer
-from kserve.protocol.grpc.servicer import InferenceServicer
-from kserve.protocol.rest.server import RESTServer
 from starlette.types import Receive, Scope, Send
 
+from predictor import logsafe
+from predictor.auth import ApiKey, GuardInterceptor
+from predictor.dataplane import FerryDataPlane
 from predictor.front import Front, Route
 from predictor.front.app import plain_error
 from predictor.front.grpc_ids import RequestIdInterceptor
+from predictor.front.guard import GuardConfig, cut_stalled, protocol_class
+from predictor.front.kserve_errors import REPOSITORY_PREFIX, ErrorInterceptor, FerryRESTServer, FerryServicer
 from predictor.model import FerryModel
 from predictor.protocols import generate, openai
 from predictor.protocols.errors import OVERLOADED, InvalidRequest, ServingError
+from predictor.protocols.requests import off_loop
 from predictor.request_context import configure_logging
 from predictor.settings import Settings
 
 log = logging.getLogger("ferry.server")
+# After the drain: the most time answers still being written get before the server closes.
+CLOSE_S = 3.0
 
 
 def register_routes(app: FastAPI, model: FerryModel) -> None:
@@ -75,7 +89,7 @@ def front_routes(model: FerryModel) -> dict[tuple[str, str], Route]:
     async def generate_route(body: bytes) -> dict[str, Any]:
         with model.observe("generate"):
             model.check_accepting()
-            request = generate.parse(_json(body), model.generator, model.limits)
+            request = await off_loop(len(body), generate.parse, _json(body), model.generator, model.limits)
             (output,) = await model.generate([request])
             return generate.response(output)
 
@@ -112,28 +126,92 @@ def _json(body: bytes) -> Any:
 
 
 class BoundGRPCServer(GRPCServer):
-    """KServe's gRPC server, bound to a chosen host instead of [::]."""
+    """KServe's gRPC server, bound to a chosen host instead of [::], with the API key and
+    repository guard, ferry's error statuses, messages bounded like HTTP bodies, and TLS from
+    the REST server's certificate when it has one."""
 
-    def __init__(self, host: str, *args: Any, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        host: str,
+        *args: Any,
+        guard: GuardInterceptor,
+        max_message_bytes: int,
+        tls: TLSFiles | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._host = host
+        self._guard = guard
+        self._max_message_bytes = max_message_bytes
+        self._tls = tls
+        self.close_grace_s: float | None = None  # set by the drain: admitted work is done
 
     async def start(self, max_workers: int) -> None:
-        servicer = InferenceServicer(self._data_plane, self._model_repository_extension)
+        servicer = FerryServicer(self._data_plane, self._model_repository_extension)
+        receive_limit = min(self._max_message_bytes, self._kwargs.get("grpc_max_receive_message_length") or 1 << 31)
         self._server = aio.server(
             futures.ThreadPoolExecutor(max_workers=max_workers),
-            interceptors=(RequestIdInterceptor(), ExceptionToStatusInterceptor()),
+            interceptors=(self._guard, RequestIdInterceptor(), ErrorInterceptor()),
             options=[
                 ("grpc.max_send_message_length", self._kwargs.get("grpc_max_send_message_length")),
-                ("grpc.max_receive_message_length", self._kwargs.get("grpc_max_receive_message_length")),
+                # The same byte limit as HTTP bodies: a bigger message is refused by gRPC itself
+                # (RESOURCE_EXHAUSTED) before it is parsed or tokenised.
+                ("grpc.max_receive_message_length", receive_limit),
             ],
         )
         grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self._server)
         host = f"[{self._host}]" if ":" in self._host else self._host
-        self._server.add_insecure_port(f"{host}:{self._port}")
-        log.info("gRPC server listening on %s:%s", host, self._port)
+        if self._tls is not None:
+            self._server.add_secure_port(f"{host}:{self._port}", self._tls.grpc_credentials())
+        else:
+            self._server.add_insecure_port(f"{host}:{self._port}")
+        log.info("gRPC server listening on %s:%s%s", host, self._port, " (TLS)" if self._tls else "")
         await self._server.start()
         await self._server.wait_for_termination()
+
+    async def stop(self, sig: int | None = None) -> None:
+        if self._server is not None:
+            grace = self.close_grace_s if self.close_grace_s is not None else self._grace_period
+            await self._server.stop(grace=grace)
+
+
+class TLSFiles:
+    """KServe's --ssl_certfile/--ssl_keyfile, checked at start-up; gRPC reads them again when
+    they change (as KServe's REST server does), so a rotated certificate needs no restart."""
+
+    def __init__(self, certfile: str, keyfile: str) -> None:
+        self.certfile, self.keyfile = certfile, keyfile
+        self._stamp = self._mtimes()
+        try:
+            self._pair = self._read()
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certfile, keyfile)
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"TLS: cannot use --ssl_certfile {certfile} / --ssl_keyfile {keyfile}: {exc}") from None
+
+    def _mtimes(self) -> tuple[float, float]:
+        try:
+            return os.stat(self.certfile).st_mtime, os.stat(self.keyfile).st_mtime
+        except OSError:
+            return (0.0, 0.0)
+
+    def _read(self) -> tuple[bytes, bytes]:
+        with open(self.keyfile, "rb") as key, open(self.certfile, "rb") as cert:
+            return key.read(), cert.read()
+
+    def grpc_credentials(self) -> grpc.ServerCredentials:
+        def fetch() -> grpc.ServerCertificateConfiguration | None:
+            stamp = self._mtimes()
+            if stamp == self._stamp:
+                return None  # unchanged: keep the current configuration
+            try:
+                self._pair, self._stamp = self._read(), stamp
+            except OSError:
+                return None
+            log.info("gRPC: TLS certificate reloaded from %s", self.certfile)
+            return grpc.ssl_server_certificate_configuration([self._pair])
+
+        initial = grpc.ssl_server_certificate_configuration([self._pair])
+        return grpc.dynamic_ssl_server_credentials(initial, fetch)
 
 
 def _retry_after_on_uvicorn_503(retry_after_s: int) -> None:
@@ -194,8 +272,18 @@ class FerryModelServer(kserve.ModelServer):
         _log_like_kserve()
         self.settings = settings
         self._draining: asyncio.Task[None] | None = None
+        # Liveness that fails when a model stops serving; V2 bodies that decode as 400s.
+        self.dataplane = FerryDataPlane(self.registered_models)
+        self._guard = GuardConfig(
+            max_header_bytes=settings.max_header_bytes,
+            max_header_count=settings.max_header_count,
+            header_timeout_s=settings.header_timeout_s,
+            body_timeout_s=settings.body_timeout_s,
+            retry_after_s=settings.retry_after_s,
+        )
+        self._listeners: list[Any] = []  # kept open through uvicorn's shutdown (answering 503)
         if not settings.access_log:
-            # Per-request log lines cost about a quarter of KServe's throughput (MEASURED.md).
+            # Per-request log lines cost about a quarter of KServe's throughput (measured, echo model).
             logging.getLogger("uvicorn.access").disabled = True
             logging.getLogger("kserve.trace").disabled = True
 
@@ -205,13 +293,15 @@ class FerryModelServer(kserve.ModelServer):
                 "ferry runs one ModelServer worker per pod (the engine and batcher live in the "
                 "process); scale with pods, not --workers"
             )
+        tls = self._tls_files()
         ferry_models = [m for m in models if isinstance(m, FerryModel)]
+        self.dataplane.ferry_models = ferry_models
         routes: dict[tuple[str, str], Route] = {}
         for model in ferry_models:
             register_routes(kserve_app, model)
             routes.update(front_routes(model))
         self._register_and_check_atleast_one_model_is_ready(models)
-        rest = RESTServer(
+        rest = FerryRESTServer(
             "kserve.model_server:app",
             self.dataplane,
             self.model_repository_extension,
@@ -221,10 +311,20 @@ class FerryModelServer(kserve.ModelServer):
             grace_period=self.grace_period,
             event_loop=self.event_loop,
             timeout_keep_alive=self.timeout_keep_alive,
+            ssl_certfile=tls.certfile if tls else None,
+            ssl_keyfile=tls.keyfile if tls else None,
         )
         rest.config.host = self.settings.host
+        # Header limits, read timeouts, probes past the connection cap, 503 while closing.
+        open_paths = ["/", "/metrics", "/v2/health/live", "/v2/health/ready"]
+        for model in ferry_models:
+            open_paths += [f"/v2/models/{model.name}/ready", f"/v1/models/{model.name}"]
+        self._guard.probe_paths = frozenset(path.encode() for path in open_paths)
+        rest.config.http = protocol_class(self._guard)
+        api_key = self._api_key(open_paths)
         # After uvicorn's and KServe's logging set-up: request ids (and JSON lines) on every handler.
         configure_logging(self.settings.log_format)
+        logsafe.install()  # client text escaped and truncated on every log line
         # Per response: no `server: uvicorn` header, and no X-Forwarded-For rewriting of the
         # client address (it only feeds access logs, off by default; measured ~2 % at high rates).
         rest.config.server_header = False
@@ -234,6 +334,9 @@ class FerryModelServer(kserve.ModelServer):
             routes,
             max_body_bytes=self.settings.max_body_bytes,
             retry_after_s=self.settings.retry_after_s,
+            api_key=api_key,
+            # load/unload: not served unless enabled (then behind the API key)
+            blocked_prefixes=() if self.settings.control_routes else (REPOSITORY_PREFIX,),
         )
         # Past this many connections or requests uvicorn answers 503 without calling the app:
         # under overload the excess never queues in the parser where no deadline applies.
@@ -260,6 +363,9 @@ class FerryModelServer(kserve.ModelServer):
                 self.model_repository_extension,
                 kwargs=vars(kserve.model_server.args),
                 grace_period=self.grace_period,
+                guard=GuardInterceptor(api_key, control_routes=self.settings.control_routes),
+                max_message_bytes=self.settings.max_body_bytes,
+                tls=tls,
             )
             self.servers.append(self._grpc_server.start(self.max_threads))
         with asyncio.Runner(loop_factory=_loop_factory(self.event_loop)) as runner:
@@ -268,10 +374,36 @@ class FerryModelServer(kserve.ModelServer):
             self.register_signal_handler()
             runner.run(self._serve())
 
+    def _tls_files(self) -> TLSFiles | None:
+        """KServe's --ssl_certfile/--ssl_keyfile (or KSERVE_TLS_* env): both or neither."""
+        certfile, keyfile = self.ssl_certfile, self.ssl_keyfile
+        if not certfile and not keyfile:
+            return None
+        if not certfile or not keyfile:
+            raise SystemExit("TLS: --ssl_certfile and --ssl_keyfile must be given together (or neither)")
+        return TLSFiles(certfile, keyfile)
+
+    def _api_key(self, open_paths: list[str]) -> ApiKey | None:
+        key = self.settings.api_key
+        if key is None:
+            if self.settings.host not in ("127.0.0.1", "::1", "localhost"):
+                log.warning("no API key set: every route is open to anyone who can reach %s", self.settings.host)
+            return None
+        return ApiKey(key.get_secret_value(), open_paths=open_paths, openai_prefix=openai.DEFAULT_PREFIX)
+
+    async def _serve(self) -> None:
+        try:
+            await super()._serve()
+        finally:
+            for listener in self._listeners:  # the 503-answering listener closes last
+                listener.close()
+
     def _start_drain(self, models: list[FerryModel], sig: int, frame: Any, exit_now: Any) -> None:
         self._draining = asyncio.ensure_future(self._drain(models, sig, frame, exit_now))
 
     async def _drain(self, models: list[FerryModel], sig: int, frame: Any, exit_now: Any) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         grace = self.settings.drain_grace_s
         log.info("signal %s: draining (not ready, refusing new requests, up to %.1f s)", sig, grace)
         for model in models:
@@ -281,4 +413,16 @@ class FerryModelServer(kserve.ModelServer):
             log.info("drained: every admitted request was answered")
         else:
             log.warning("grace period over with requests still running; stopping anyway")
+        # Close: new requests are answered 503 + Retry-After by the listener, which stays open
+        # until the process exits; connections still sending a request are cut; answers still
+        # being written get what is left of the grace, at least 1 s and at most CLOSE_S.
+        close_s = min(CLOSE_S, max(1.0, grace - (loop.time() - started)))
+        self._guard.closing = True
+        uvicorn_server = self._rest_server._server if self._rest_server is not None else None
+        if uvicorn_server is not None:
+            cut_stalled(uvicorn_server.server_state)
+            uvicorn_server.config.timeout_graceful_shutdown = close_s
+            self._listeners, uvicorn_server.servers = list(uvicorn_server.servers), []
+        if isinstance(self._grpc_server, BoundGRPCServer):
+            self._grpc_server.close_grace_s = close_s
         exit_now(sig, frame)

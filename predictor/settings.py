@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field, ValidationError, field_validator, model_validator
+from pydantic import BeforeValidator, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 KSERVE_MODEL_MOUNT = Path("/mnt/models")
@@ -100,6 +100,28 @@ class Settings(BaseSettings):
         20.0, ge=0, le=3600, description="SIGTERM: time queued work gets to finish (keep below the pod's grace)"
     )
     access_log: bool = Field(False, description="one log line per request (costs ~25 % at high rates)")
+
+    # --- security and slow clients (docs/security.md) -----------------------------------
+    api_key: SecretStr | None = Field(
+        None,
+        description="clients must send Authorization: Bearer <key> (health and /metrics stay open); unset = no key",
+    )
+    api_key_file: Path | None = Field(
+        None, description="file holding the API key (a mounted Secret); wins over api_key"
+    )
+    control_routes: bool = Field(
+        False, description="serve KServe's model repository load/unload routes (REST and gRPC); needs an API key"
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0, le=600, description="a connection must send a request's headers within this time"
+    )
+    body_timeout_s: float = Field(
+        20.0, gt=0, le=3600, description="a request's body must arrive within this time after its headers"
+    )
+    max_header_bytes: int = Field(
+        65_536, ge=1024, le=16_777_216, description="largest request line + headers; more is answered 431"
+    )
+    max_header_count: int = Field(100, ge=8, le=10_000, description="most request headers; more is answered 431")
     log_format: Literal["text", "json"] = Field(
         "text", description="text, or json: one JSON object per log line with request_id and traceparent"
     )
@@ -139,6 +161,19 @@ class Settings(BaseSettings):
                 f"request_timeout_s ({self.request_timeout_s}) must be <= "
                 f"max_request_timeout_s ({self.max_request_timeout_s})"
             )
+        if self.api_key_file is not None:
+            try:
+                key = self.api_key_file.read_text().strip()
+            except OSError as exc:
+                raise ValueError(f"api_key_file: cannot read {self.api_key_file} ({exc.strerror})") from None
+            if not key:
+                raise ValueError(f"api_key_file: {self.api_key_file} is empty")
+            self.api_key = SecretStr(key)
+        if self.api_key is not None and len(self.api_key.get_secret_value().strip()) < 16:
+            raise ValueError("api_key: must be at least 16 characters (use a random token)")
+        if self.control_routes and self.api_key is None:
+            raise ValueError("control_routes: needs an API key (api_key or api_key_file); refusing to serve "
+                             "model load/unload without one")
         if self.engine == "ctranslate2" and not self.model_dir.is_dir():
             raise ValueError(
                 f"model_dir: {self.model_dir} is not a directory (build one with "

@@ -209,7 +209,9 @@ async def test_engine_failure_fails_exactly_that_batch() -> None:
     assert (await first).text == "ok10 ok11"
     results = await asyncio.gather(*doomed, return_exceptions=True)
     assert all(isinstance(r, EngineFailed) for r in results)
-    assert "injected failure" in str(results[0])
+    # The cause is kept (and logged once, under the error id); the message says neither.
+    assert "injected failure" in str(results[0].cause) and "injected" not in str(results[0])
+    assert "error id" in str(results[0])
     assert (await batcher.generate(req("ok2"))).text == "ok20 ok21"
     assert [c.sizes for c in engine.calls] == [1, 3, 1]
     batcher.stop()

@@ -12,8 +12,9 @@ import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from predictor import request_context
+from predictor.auth import ApiKey
 from predictor.front.disconnect import Watch, install
-from predictor.protocols.errors import InvalidRequest, failure_of
+from predictor.protocols.errors import InvalidRequest, failure_of, public_message
 
 log = logging.getLogger("ferry.front")
 
@@ -27,11 +28,7 @@ def plain_error(error: BaseException) -> tuple[int, dict[str, Any]]:
     """{"error": message} with the status from the failure table (KServe's REST shape)."""
     if isinstance(error, InvalidRequest):
         return error.status, {"error": str(error)}
-    failure = failure_of(error)
-    if failure.outcome == "error" and failure.openai_code == "internal_error":
-        log.error("unexpected error serving a request", exc_info=error)
-        return failure.http_status, {"error": f"internal error: {type(error).__name__}"}
-    return failure.http_status, {"error": str(error)}
+    return failure_of(error).http_status, {"error": public_message(error)}
 
 
 @dataclass(frozen=True)
@@ -59,12 +56,16 @@ class Front:
         *,
         max_body_bytes: int,
         retry_after_s: int,
+        api_key: ApiKey | None = None,
+        blocked_prefixes: tuple[str, ...] = (),
     ) -> None:
         install()
         self.fallback = fallback
         self.routes = routes
         self.max_body_bytes = max_body_bytes
         self.retry_after = str(retry_after_s).encode()
+        self.api_key = api_key  # None: no key configured
+        self.blocked_prefixes = blocked_prefixes  # routes not served (KServe's model repository)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -80,6 +81,16 @@ class Front:
             request_context.unbind(bound)
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.api_key is not None:  # one check for every route, hot and fallback
+            problem = self.api_key.http_problem(scope["method"], scope["path"], scope["headers"])
+            if problem is not None:
+                headers, body = self.api_key.http_401(scope["path"], problem)
+                await send({"type": "http.response.start", "status": 401, "headers": headers})
+                await send({"type": "http.response.body", "body": body})
+                return
+        if self.blocked_prefixes and scope["path"].startswith(self.blocked_prefixes):
+            await self._send_json(send, 404, {"error": "not served: the model repository routes are disabled"})
+            return
         declared = _content_length(scope)
         if declared is not None and declared > self.max_body_bytes:
             await self._send_json(send, 413, {"error": str(BodyTooLarge(declared, self.max_body_bytes))})
@@ -109,6 +120,15 @@ class Front:
             watch.stop()
 
     async def _fallback(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if _chunked(scope):
+            # No declared length: read the body here, so that one over the limit is a 413
+            # whichever app would have read it (FastAPI turns a failed read into a 400).
+            try:
+                body = await self._read_body(receive)
+            except InvalidRequest as exc:
+                await self._send_json(send, exc.status, {"error": str(exc)})
+                return
+            receive = _replay(body, receive)
         received = 0
         started = False
 
@@ -130,6 +150,11 @@ class Front:
         except BodyTooLarge as exc:
             if not started:
                 await self._send_json(send, 413, {"error": str(exc)})
+        except Exception:
+            if not started:
+                raise
+            # Starlette answered it (ferry's 500 handler logged it once, with an error id) and
+            # re-raised it for the server to log again: it is handled.
 
     async def _serve(self, route: Route, receive: Receive, send: Send) -> None:
         observed = route.observe(route.protocol) if route.observe and route.protocol else None
@@ -257,6 +282,24 @@ def _with_request_id(send: Send, request_id: str) -> Send:
         await send(message)
 
     return send_with_id
+
+
+def _chunked(scope: Scope) -> bool:
+    return any(name == b"transfer-encoding" for name, _ in scope["headers"])
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """`receive` that hands over a body already read, then goes on to the real one."""
+    replayed = False
+
+    async def replay() -> Message:
+        nonlocal replayed
+        if replayed:
+            return await receive()
+        replayed = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay
 
 
 def _content_length(scope: Scope) -> int | None:

@@ -3,14 +3,28 @@ the field and the limit; each valid prompt becomes one GenerationRequest."""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from predictor.batcher import GenerationRequest
 from predictor.engine import GREEDY, Engine, Sampling
 from predictor.protocols.errors import InvalidRequest
 from predictor.settings import Settings
+
+T = TypeVar("T")
+
+# The most characters one token of GPT-2's byte-level BPE vocabulary (OPT's) covers: 66
+# ("Ġ" and 65 "="; the longest in bytes, 128, is 64 two-byte characters). A prompt longer than
+# max_prompt_tokens x 66 characters cannot fit in max_prompt_tokens, so it is refused before
+# any tokenising (tests/test_security.py checks the constant against the vocabulary).
+MAX_CHARS_PER_TOKEN = 66
+# Prompts (in total, per request) longer than this are tokenised off the event loop: about
+# 0.7 us a character, so a request that stays on the loop holds it for a few ms at most.
+INLINE_TOKENIZE_CHARS = 8192
 
 
 @dataclass(frozen=True)
@@ -22,6 +36,10 @@ class Limits:
     request_timeout_s: float
     max_request_timeout_s: float
     max_positions: int = 2048
+
+    @property
+    def max_prompt_chars(self) -> int:
+        return self.max_prompt_tokens * MAX_CHARS_PER_TOKEN
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Limits:
@@ -45,6 +63,11 @@ def check_text(value: Any, field: str) -> str:
         raise InvalidRequest(field, f"must be a string, got {type(value).__name__}")
     if not value:
         raise InvalidRequest(field, "must not be empty")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:  # JSON's "\ud800" parses to a lone surrogate
+            raise InvalidRequest(field, f"is not valid Unicode (a lone surrogate at character {exc.start})") from None
     return value
 
 
@@ -103,6 +126,12 @@ def build_request(
     stop: tuple[str, ...] = (),
     ignore_eos: bool = False,
 ) -> GenerationRequest:
+    if len(text) > limits.max_prompt_chars:  # before tokenising: it cannot fit
+        raise InvalidRequest(
+            field,
+            f"prompt is {len(text)} characters; the limit is {limits.max_prompt_chars} "
+            f"({limits.max_prompt_tokens} tokens of at most {MAX_CHARS_PER_TOKEN} characters)",
+        )
     tokens = engine.tokenize(text)
     if len(tokens) > limits.max_prompt_tokens:
         raise InvalidRequest(
@@ -123,3 +152,34 @@ def build_request(
         stop=stop,
         ignore_eos=ignore_eos,
     )
+
+
+async def off_loop(chars: int, parse: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """`parse(*args, **kwargs)` (validation and tokenising) here when the request's prompts
+    are short (`chars`, or its body size, at most INLINE_TOKENIZE_CHARS), else in a worker
+    thread, so that a long prompt never holds the event loop (the tokenizer releases the GIL
+    for long texts)."""
+    if chars <= INLINE_TOKENIZE_CHARS:
+        return parse(*args, **kwargs)
+    return await asyncio.to_thread(parse, *args, **kwargs)
+
+
+def payload_chars(value: Any, budget: int = 20_000) -> int:
+    """About how many characters of text a decoded payload holds (strings and bytes, walked
+    over at most `budget` nodes; a payload past the budget counts as large)."""
+    total = 0
+    stack = [value]
+    while stack:
+        budget -= 1
+        if budget < 0:
+            return INLINE_TOKENIZE_CHARS + 1
+        item = stack.pop()
+        if isinstance(item, str | bytes):
+            total += len(item)
+        elif isinstance(item, dict):
+            stack.extend(itertools.islice(item.values(), budget))
+        elif isinstance(item, list | tuple):
+            stack.extend(item[:budget])
+        elif hasattr(item, "inputs") and isinstance(item.inputs, list):  # kserve.InferRequest
+            stack.extend(getattr(tensor, "data", None) for tensor in item.inputs)
+    return total

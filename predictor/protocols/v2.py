@@ -45,7 +45,12 @@ def _values(tensor: InferInput) -> list[Any]:
         for item in data:
             flat.extend(item if isinstance(item, list) else [item])
         return flat
-    return list(tensor.as_numpy().reshape(-1).tolist())
+    try:  # raw (binary) contents: their size must agree with the shape and datatype
+        return list(tensor.as_numpy().reshape(-1).tolist())
+    except Exception:
+        raise InvalidRequest(
+            f"inputs.{tensor.name}", f"data does not match shape {list(tensor.shape)} and datatype {tensor.datatype}"
+        ) from None
 
 
 def _parameter(parameters: Any, name: str) -> Any:

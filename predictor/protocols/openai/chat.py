@@ -21,6 +21,8 @@ from predictor.engine import Sampling
 from predictor.protocols.openai.logprobs import chat_logprobs, gather_scores
 from predictor.protocols.openai.responses import ChoiceResult, Envelope, sse, usage
 from predictor.protocols.openai.schema import (
+    MAX_TOP_K,
+    MIN_TOP_P,
     OpenAIError,
     StreamOptions,
     check_stops,
@@ -29,7 +31,7 @@ from predictor.protocols.openai.schema import (
     sampling_of,
 )
 from predictor.protocols.openai.serving import Completion, CompletionStream, choice
-from predictor.protocols.requests import build_request, check_max_new_tokens
+from predictor.protocols.requests import build_request, check_max_new_tokens, off_loop
 from predictor.tokenizer import EOS
 
 if TYPE_CHECKING:
@@ -67,8 +69,8 @@ class ChatCompletionRequest(BaseModel):
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=-1)  # vLLM's extension (extra_body)
+    top_p: float | None = Field(None, ge=MIN_TOP_P, le=1)
+    top_k: int | None = Field(None, ge=-1, le=MAX_TOP_K)  # vLLM's extension (extra_body)
     ignore_eos: bool = False  # vLLM's extension (extra_body)
     n: int | None = None
     stop: Any = Field(None, validate_default=True)
@@ -196,7 +198,9 @@ async def chat_completions(model: FerryModel, raw_body: bytes) -> dict[str, Any]
         raise OpenAIError("messages: the chat template rendered an empty prompt", param="messages")
     requested, limit_field = body.token_limit()
     max_tokens = check_max_new_tokens(requested, limit_field, limits)
-    request = build_request(
+    request = await off_loop(  # a long conversation is tokenised off the event loop
+        len(prompt),
+        build_request,
         model.generator,
         prompt,
         max_tokens,

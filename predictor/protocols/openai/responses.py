@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 
 from predictor import request_context
-from predictor.protocols.errors import InvalidRequest, failure_of
+from predictor.protocols.errors import InvalidRequest, failure_of, public_message
 from predictor.protocols.openai.schema import OpenAIError, error_body
 
 DONE = b"data: [DONE]\n\n"
@@ -88,7 +88,5 @@ def error_status_and_body(error: BaseException) -> tuple[int, dict[str, Any]]:
     if isinstance(error, InvalidRequest):
         return error.status, error_body(error.reason, param=error.field)
     failure = failure_of(error)
-    message = str(error) if failure.outcome != "error" or failure.openai_code == "engine_error" else (
-        f"internal error: {type(error).__name__}"
-    )
+    message = public_message(error)
     return failure.http_status, error_body(message, type=failure.openai_type, code=failure.openai_code)

@@ -10,13 +10,14 @@ import orjson
 from fastapi import FastAPI
 from starlette.responses import JSONResponse
 
+from predictor.batcher import GenerationRequest
 from predictor.engine import EngineOutput
 from predictor.protocols.openai.chat import template_card
 from predictor.protocols.openai.logprobs import completion_logprobs, gather_scores
 from predictor.protocols.openai.responses import Envelope, error_status_and_body
 from predictor.protocols.openai.schema import OpenAIError, model_not_found, parse_completion
 from predictor.protocols.openai.serving import Completion, CompletionStream, choice
-from predictor.protocols.requests import build_request, check_count, check_max_new_tokens, check_text
+from predictor.protocols.requests import build_request, check_count, check_max_new_tokens, check_text, off_loop
 
 if TYPE_CHECKING:
     from predictor.model import FerryModel
@@ -70,22 +71,27 @@ async def completions(model: FerryModel, raw_body: bytes) -> dict[str, Any] | Co
     scoring_only = body.echo and body.max_tokens == 0
     max_tokens = 0 if scoring_only else check_max_new_tokens(body.max_tokens, "max_tokens", limits)
     sampling = body.sampling()
-    requests = []
-    for i, text in enumerate(prompts):
-        field = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
-        requests.append(
-            build_request(
-                model.generator,
-                check_text(text, field),
-                max_tokens,
-                limits,
-                field=field,
-                sampling=sampling,
-                incremental=body.stream,
-                stop=body.stops,
-                ignore_eos=body.ignore_eos,
+
+    def build() -> list[GenerationRequest]:
+        built = []
+        for i, text in enumerate(prompts):
+            field = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
+            built.append(
+                build_request(
+                    model.generator,
+                    check_text(text, field),
+                    max_tokens,
+                    limits,
+                    field=field,
+                    sampling=sampling,
+                    incremental=body.stream,
+                    stop=body.stops,
+                    ignore_eos=body.ignore_eos,
+                )
             )
-        )
+        return built
+
+    requests = await off_loop(len(raw_body), build)  # long prompts are tokenised off the loop
     envelope = Envelope(model.name)
     if not body.stream:
         outputs = [EngineOutput("") for _ in requests] if scoring_only else await model.generate(requests)

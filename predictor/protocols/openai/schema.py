@@ -8,8 +8,13 @@ from kserve.errors import InvalidInput
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from predictor.engine import GREEDY, Sampling
+from predictor.logsafe import MAX_MESSAGE_CHARS, clip
 
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit
+# What CTranslate2 accepts (it raises otherwise, failing the whole batch): top_k at most the
+# vocabulary (OPT's 50,272), top_p that stays above 0 as a float32.
+MAX_TOP_K = 50_272
+MIN_TOP_P = 1e-9
 
 
 # ---- errors ------------------------------------------------------------------------------
@@ -22,6 +27,7 @@ class OpenAIError(InvalidInput):
     def __init__(
         self, message: str, *, status: int = 400, param: str | None = None, code: str | None = None
     ) -> None:
+        message = clip(message, MAX_MESSAGE_CHARS)  # it may quote what the client sent
         super().__init__(message)
         self.message = message
         self.status = status
@@ -84,8 +90,8 @@ class CompletionRequest(BaseModel):
     prompt: Any
     max_tokens: int | None = None
     temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=-1)  # not OpenAI's; vLLM's extension (extra_body)
+    top_p: float | None = Field(None, ge=MIN_TOP_P, le=1)
+    top_k: int | None = Field(None, ge=-1, le=MAX_TOP_K)  # not OpenAI's; vLLM's extension (extra_body)
     ignore_eos: bool = False  # vLLM's extension (extra_body): exactly max_tokens, for benchmarks
     n: int | None = None
     best_of: int | None = None

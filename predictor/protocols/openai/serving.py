@@ -102,8 +102,7 @@ class CompletionStream:
                 yield self.envelope.usage_chunk(self.completion.choices)
         except Exception as exc:
             # Headers are sent: report the failure as an event (the openai client raises it).
-            if not isinstance(exc, BatcherError):
-                log.error("OpenAI stream failed", exc_info=exc)
+            # (an unexpected failure is logged once, under the error id the event carries)
             self.error = exc
             yield sse(error_status_and_body(exc)[1])
         finally:
