@@ -1,7 +1,9 @@
 # Reliability scenarios against the real server (included by the main Makefile). Loopback-only,
 # every server a subprocess on 127.0.0.1 that is stopped at the end, every loop bounded.
 #   make reliability                  overload (60 s at >= 10x capacity), faults, drain, disconnects,
-#                                     soak (10 min, real model): ~15 min, exits 1 if a criterion fails
+#                                     slow_clients (stalled sockets at the connection cap, ~30 s),
+#                                     inputs (hostile input classes, tiny model),
+#                                     soak (10 min, real model): ~16 min, exits 1 if a criterion fails
 #   make reliability SOAK_S=60        the same with a 1-minute soak
 #   make reliability RELIABILITY_ARGS=--quick      every scenario short (~2.5 min)
 #   make reliability RELIABILITY_ARGS='--scenarios overload,drain'

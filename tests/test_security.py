@@ -381,6 +381,25 @@ def test_https_and_grpc_tls_from_kserves_flags(tmp_path: Path) -> None:
         with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
             assert grpc_code(lambda: stub.ServerLive(pb.ServerLiveRequest(), timeout=3)) != grpc.StatusCode.OK
+        # A rotated certificate (a renewed Secret) is served without a restart, REST and gRPC.
+        rotated = tmp_path / "rotated"
+        rotated.mkdir()
+        new_cert, new_key = self_signed(rotated)
+        key.write_bytes(new_key.read_bytes())
+        cert.write_bytes(new_cert.read_bytes())
+        new_trust = ssl.create_default_context(cafile=str(new_cert))
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                if httpx.get(f"{url}/v2/health/live", verify=new_trust, timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "REST never served the rotated certificate"
+                time.sleep(0.2)  # KServe's watcher reloads it: poll
+        credentials = grpc.ssl_channel_credentials(root_certificates=new_cert.read_bytes())
+        with grpc.secure_channel(f"127.0.0.1:{grpc_port}", credentials, options=options) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            assert stub.ServerLive(pb.ServerLiveRequest(), timeout=10).live
     finally:
         process.kill()
         process.wait()
@@ -729,6 +748,28 @@ def test_stalled_requests_are_cut_off_while_probes_answer_with_the_cap_full(ferr
     assert status_of(answered) == 200 and 1.5 < idle_for < 2 + 1
     r = httpx.post(f"{ferry.url}/generate", json={"text": "hi"}, timeout=10)
     assert r.status_code == 200
+
+
+def test_probes_answer_with_the_cap_full_of_busy_clients(ferry_factory: FerryFactory) -> None:
+    ferry = ferry_factory(engine="simulated", sim_prefill_s=2.0, sim_step_s=0, sim_step_per_seq_s=0,
+                          max_connections=16, max_batch_size=64)  # fmt: skip
+
+    def busy() -> None:
+        with contextlib.suppress(httpx.HTTPError):
+            httpx.post(f"{ferry.url}/generate", json={"text": "hi"}, timeout=30)
+
+    clients = [threading.Thread(target=busy, daemon=True) for _ in range(16)]
+    for client in clients:
+        client.start()
+    deadline = time.monotonic() + 10
+    while httpx.get(f"{ferry.url}/v2/models/{ferry.model_name}", timeout=5).status_code != 503:
+        assert time.monotonic() < deadline, "the cap never filled"
+        time.sleep(0.02)  # another process's state: poll it
+    for path in ("/v2/health/live", f"/v2/models/{ferry.model_name}/ready"):
+        status, elapsed = timed_get(ferry.url + path)
+        assert status == 200 and elapsed < 1.0, (path, status, elapsed)
+    for client in clients:
+        client.join(30)
 
 
 def test_default_timeouts_cut_a_stalled_request_within_30_s() -> None:
