@@ -467,6 +467,10 @@ def test_a_1mb_prompt_never_holds_the_loop(plain: FerryProcess) -> None:
         ("/openai/v1/completions", {"model": name, "prompt": [words] * 15, "max_tokens": 2}),
         (f"/v2/models/{name}/infer", {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [15],
                                                   "data": [words] * 15}]}),
+        # Many small items instead of long strings: parsing them is the work.
+        (f"/v1/models/{name}:predict", {"instances": ["a"] * 150_000}),
+        (f"/v2/models/{name}/infer", {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [150_000],
+                                                  "data": ["a"] * 150_000}]}),
     ]  # fmt: skip
     with ProbeLoop(f"{plain.url}/v2/health/live") as probe:
         for path, body in bodies:
