@@ -8,9 +8,10 @@ event streams alike); the gRPC interceptor does the same from metadata.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import re
-import uuid
 from contextvars import ContextVar, Token
 from typing import Any
 
@@ -26,8 +27,14 @@ _VALID_ID = re.compile(r"[A-Za-z0-9._~:/+=@-]{1,128}")
 _VALID_TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 
 
+# Generated ids: 16 random hex digits per process, then a counter (32 hex digits in all):
+# unique across pods and restarts, and cheaper than a uuid4 (no system call per request).
+_PROCESS_PREFIX = os.urandom(8).hex()
+_counter = itertools.count(1)
+
+
 def new_request_id() -> str:
-    return uuid.uuid4().hex
+    return f"{_PROCESS_PREFIX}{next(_counter):016x}"
 
 
 def accept_request_id(value: str | bytes | None) -> str:
