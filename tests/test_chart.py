@@ -51,7 +51,7 @@ def ferry_container(objects: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def env_of(container: dict[str, Any]) -> dict[str, str]:
-    return {e["name"]: e["value"] for e in container["env"]}
+    return {e["name"]: e["value"] for e in container["env"] if "value" in e}
 
 
 def test_the_five_scenarios_exist() -> None:
@@ -469,6 +469,14 @@ def test_env_from_extra_env_extra_volumes_and_mounts() -> None:
     assert {"name": "cache", "emptyDir": {}} in runtime["spec"]["volumes"]
 
 
+def test_api_key_comes_from_an_existing_secret() -> None:
+    key_env = {"name": "FERRY_API_KEY", "valueFrom": {"secretKeyRef": {"name": "ferry-api-key", "key": "token"}}}
+    for scenario in ("", "runtime"):
+        objects = objects_of(scenario, apiKey={"existingSecret": "ferry-api-key", "secretKey": "token"})
+        assert key_env in ferry_container(objects)["env"], scenario
+        assert all(e["name"] != "FERRY_API_KEY" for e in ferry_container(objects_of(scenario))["env"])
+
+
 def test_image_digest_pins_the_image() -> None:
     digest = "sha256:" + "ab" * 32
     image = container_of(isvc_of(objects_of("gpu-knative", image={
@@ -579,6 +587,8 @@ def test_networkpolicy_admits_only_what_the_chart_names() -> None:
         {"extraVolumeMounts": [{"name": "x"}]},
         {"networkPolicy": {"allowedNamespaces": ["x"]}},
         {"serviceAccountName": "x"},
+        {"apiKey": {"existingSecret": "Not_A_Name", "secretKey": "api-key"}},
+        {"apiKey": {"existingSecret": "ok", "secretKey": "api-key", "value": "inline-key"}},
     ],
 )
 def test_schema_rejects_bad_new_values(values: dict[str, Any]) -> None:

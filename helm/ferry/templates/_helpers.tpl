@@ -132,6 +132,13 @@ env:
   - name: FERRY_{{ $key | snakecase | upper }}
     value: {{ $value | toString | quote }}
   {{- end }}
+  {{- with $values.apiKey.existingSecret }}
+  - name: FERRY_API_KEY
+    valueFrom:
+      secretKeyRef:
+        name: {{ . | quote }}
+        key: {{ $values.apiKey.secretKey | quote }}
+  {{- end }}
   {{- with $values.extraEnv }}
   {{- toYaml . | nindent 2 }}
   {{- end }}
