@@ -475,6 +475,13 @@ def test_api_key_comes_from_an_existing_secret() -> None:
         objects = objects_of(scenario, apiKey={"existingSecret": "ferry-api-key", "secretKey": "token"})
         assert key_env in ferry_container(objects)["env"], scenario
         assert all(e["name"] != "FERRY_API_KEY" for e in ferry_container(objects_of(scenario))["env"])
+    # the clients the chart runs send it too
+    objects = objects_of("gpu-keda", apiKey={"existingSecret": "ferry-api-key", "secretKey": "token"})
+    (pod,) = chart.find(objects, "Pod")
+    (job,) = chart.find(objects, "Job")
+    for spec in (pod["spec"], job["spec"]["template"]["spec"]):
+        assert key_env in spec["containers"][0]["env"]
+    assert "Authorization: Bearer ${FERRY_API_KEY:-}" in pod["spec"]["containers"][0]["args"][0]
 
 
 def test_image_digest_pins_the_image() -> None:

@@ -6,6 +6,20 @@ Expand the name of the chart.
 {{- end }}
 
 {{/*
+FERRY_API_KEY from the Secret named by apiKey.existingSecret (nothing when unset), for the clients
+the chart runs itself (helm test, the load-test Job).
+*/}}
+{{- define "ferry.apiKeyEnv" -}}
+{{- with .Values.apiKey.existingSecret }}
+- name: FERRY_API_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ . | quote }}
+      key: {{ $.Values.apiKey.secretKey | quote }}
+{{- end }}
+{{- end }}
+
+{{/*
 Fully qualified app name; also the InferenceService's name. KServe appends -predictor (and
 Knative a revision suffix), so it is kept to 45 characters.
 */}}
