@@ -23,7 +23,8 @@ def test_two_setup_commands_come_first() -> None:
 
 
 def test_every_route_has_a_curl() -> None:
-    for route in ("/generate", ":predict", "/infer", "/openai/v1/completions", "/openai/v1/chat/completions", "/metrics"):
+    routes = ("/generate", ":predict", "/infer", "/openai/v1/completions", "/openai/v1/chat/completions", "/metrics")
+    for route in routes:
         assert re.search(rf"curl [^\n]*{re.escape(route)}", README), route
 
 
@@ -52,7 +53,8 @@ def test_every_relative_link_in_the_readme_and_guides_resolves() -> None:
 
 
 def test_the_settings_guide_is_generated_from_the_settings_class() -> None:
-    assert (ROOT / "docs" / "settings.md").read_text() == render(), "run: python -m tools.settings_doc > docs/settings.md"
+    regenerate = "run: python -m tools.settings_doc > docs/settings.md"
+    assert (ROOT / "docs" / "settings.md").read_text() == render(), regenerate
 
 
 def test_every_guide_is_linked_from_the_readme() -> None:
