@@ -1,6 +1,7 @@
 """Which request a piece of work belongs to: `X-Request-Id` (read or generated) and W3C
 `traceparent`, held in context variables for the task that serves the request, so that every
-log line written while serving it carries them (`RequestContextFilter`), in text or JSON.
+log line written while serving it carries them (`RequestContextFilter` puts them on records;
+`RequestTagFormatter` writes them in text logs, python-json-logger in JSON ones).
 
 The HTTP front sets them per request (and returns `X-Request-Id` on every answer, errors and
 event streams alike); the gRPC interceptor does the same from metadata.
@@ -77,24 +78,33 @@ def id_suffix() -> str:
 
 
 class RequestContextFilter(logging.Filter):
-    """Adds `request_id` and `traceparent` to every record (None outside a request); in text
-    logs, a line about a request ends with `[request_id=... traceparent=...]`."""
-
-    def __init__(self, append_to_message: bool = True) -> None:
-        super().__init__()
-        self.append_to_message = append_to_message
+    """Adds `request_id` and `traceparent` to every record (None outside a request)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        request_id = _request_id.get()
-        traceparent = _traceparent.get()
-        if getattr(record, "request_id", None) is None:
-            record.__dict__["request_id"] = request_id
-            record.__dict__["traceparent"] = traceparent
-            if self.append_to_message and request_id is not None and not record.__dict__.get("_ferry_tagged"):
-                tag = f"request_id={request_id}" + (f" traceparent={traceparent}" if traceparent else "")
-                record.msg = f"{record.msg} [{tag}]"
-                record.__dict__["_ferry_tagged"] = True
+        if record.__dict__.get("request_id") is None:
+            record.__dict__["request_id"] = _request_id.get()
+            record.__dict__["traceparent"] = _traceparent.get()
         return True
+
+
+class RequestTagFormatter(logging.Formatter):
+    """Text logs: a handler's own formatter, then `[request_id=... traceparent=...]` at the end
+    of the first line of a record written while serving a request (whatever the formatter does
+    with the message: uvicorn's access lines are built from their arguments alone)."""
+
+    def __init__(self, inner: logging.Formatter | None) -> None:
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = self.inner.format(record)
+        request_id = record.__dict__.get("request_id")
+        if request_id is None:
+            return text
+        traceparent = record.__dict__.get("traceparent")
+        tag = f" [request_id={request_id}" + (f" traceparent={traceparent}]" if traceparent else "]")
+        first, newline, rest = text.partition("\n")
+        return first + tag + newline + rest
 
 
 def json_formatter() -> logging.Formatter:
@@ -120,10 +130,11 @@ def configure_logging(log_format: str, loggers: tuple[str, ...] = ("ferry", "kse
             if id(handler) not in seen:
                 seen.add(id(handler))
                 handlers.append(handler)
-    as_json = log_format == "json"
-    formatter: Any = json_formatter() if as_json else None
+    formatter: Any = json_formatter() if log_format == "json" else None
     for handler in handlers:
         if not any(isinstance(f, RequestContextFilter) for f in handler.filters):
-            handler.addFilter(RequestContextFilter(append_to_message=not as_json))
+            handler.addFilter(RequestContextFilter())
         if formatter is not None:
             handler.setFormatter(formatter)
+        elif not isinstance(handler.formatter, RequestTagFormatter):
+            handler.setFormatter(RequestTagFormatter(handler.formatter))

@@ -9,6 +9,7 @@ import logging
 import re
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import httpx
@@ -138,6 +139,7 @@ def test_text_log_lines_end_with_the_request_fields() -> None:
 
     handler = Keep()
     handler.addFilter(request_context.RequestContextFilter())
+    handler.setFormatter(request_context.RequestTagFormatter(logging.Formatter("%(message)s")))
     logger.addHandler(handler)
     try:
         logger.warning("outside any request")
@@ -150,3 +152,23 @@ def test_text_log_lines_end_with_the_request_fields() -> None:
         logger.removeHandler(handler)
     assert records == ["outside any request", f"serving it [request_id=abc-1 traceparent={TRACEPARENT}]"]
     assert request_context.accept_traceparent("not-a-traceparent") is None
+
+
+def test_text_logs_of_a_server_carry_the_id(tmp_path: Path) -> None:
+    server = start_ferry(tmp_path, access_log="true")
+    try:
+        request_id = f"text-log-{time.monotonic_ns()}"
+        answer = httpx.post(
+            f"{server.url}/generate",
+            json={"text": "hi", "max_new_tokens": 1},
+            headers={"X-Request-Id": request_id, "traceparent": TRACEPARENT},
+            timeout=30,
+        )
+        assert answer.headers["x-request-id"] == request_id
+        deadline = time.monotonic() + 10
+        while f"[request_id={request_id} traceparent={TRACEPARENT}]" not in server.log():
+            assert time.monotonic() < deadline, server.log()[-3000:]
+            time.sleep(0.05)  # another process's log file: nothing to await
+    finally:
+        server.process.kill()
+        server.process.wait()
