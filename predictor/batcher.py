@@ -520,13 +520,15 @@ class Batcher:
         task.add_done_callback(self._running_batches.discard)
 
     def _plan_call(self, batch: Sequence[RequestStream]) -> list[EngineItem]:
-        """Each request's share of this call. With chunking, a call runs at most
-        max(shortest request, chunk_tokens) steps: a long request decodes in chunks that rejoin
-        the queue, so it never holds a slot for its whole length while short ones wait."""
+        """Each request's share of this call. With chunking (off by default), a call runs at most
+        chunk_tokens steps: a long request decodes in chunks that rejoin the queue (each chunk
+        re-reads its prompt plus what it generated), so it never holds a slot for its whole
+        length while short ones wait. Measured on CPU and at GPU speed it did not pay for its
+        re-reads (docs/performance.md, "Mixed lengths"); it stays an option."""
         remaining = [t.remaining for t in batch]
         steps = max(remaining)
         if self.chunk_tokens:
-            steps = min(steps, max(min(remaining), self.chunk_tokens))
+            steps = min(steps, self.chunk_tokens)
         items = []
         for ticket, left in zip(batch, remaining, strict=True):
             ticket.item.max_new_tokens = min(left, steps)

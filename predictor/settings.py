@@ -74,11 +74,11 @@ class Settings(BaseSettings):
     slots: int = Field(0, ge=0, le=64, description="engine calls in flight; 0 = the engine's concurrency")
     max_queue_size: int = Field(512, ge=1, le=100_000, description="waiting requests before 503")
     chunk_tokens: int = Field(
-        16,
+        0,
         ge=0,
         le=2048,
-        description="an engine call runs at most max(its shortest request, chunk_tokens) steps; longer "
-        "requests continue in the queue, so they never hold short ones hostage; 0 = off",
+        description="an engine call runs at most this many steps; longer requests continue in the queue "
+        "(re-reading what they generated) instead of holding a slot; 0 = off (measured not to pay on CPU)",
     )
 
     # --- request limits ---------------------------------------------------------------

@@ -142,7 +142,7 @@ def test_simulated_ceiling_is_the_latency_formula() -> None:
     latency = LatencyModel()
     ceiling = simulated_ceiling([40] * 10, max_new_tokens=10, latency=latency)
     assert ceiling["rps"] == pytest.approx(40 / latency.batch_seconds(40, 10))
-    assert 1800 < ceiling["rps"] < 2000  # WORKLOAD.md: about 1,900 requests/s
+    assert 1800 < ceiling["rps"] < 2000  # n / T(n, t) = 40 / 21 ms, about 1,905 requests/s
 
 
 def test_capacity_advice_from_a_sweep() -> None:
@@ -214,9 +214,28 @@ def test_locust_headless_run_against_ferry_has_no_failures(
 
 
 def test_even_split_spreads_a_burst_over_the_slots() -> None:
-    from loadtest.bench import even_split
+    from loadtest.bench_measure import even_split
 
     assert even_split(40, 2, 50) == [20, 20]
     assert even_split(1, 2, 50) == [1]
     assert even_split(7, 2, 50) == [4, 3]
     assert even_split(128, 2, 50) == [43, 43, 42]  # no batch above max_batch_size
+
+
+def test_wrk_output_is_read_from_its_latency_distribution() -> None:
+    from loadtest.wrk import parse
+
+    out = """  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency    18.58ms    1.75ms  29.08ms   92.52%
+    Req/Sec    53.50      5.87    60.00     62.50%
+  Latency Distribution
+     50%   18.13ms
+     75%   18.20ms
+     90%   18.73ms
+     99%    1.20s
+  107 requests in 2.00s, 25.71KB read
+  Non-2xx or 3xx responses: 3
+Requests/sec:     53.47
+"""
+    result = parse(out, users=1)
+    assert (result.rps, result.p50_s, result.p99_s, result.requests, result.non_2xx) == (53.47, 0.01813, 1.2, 107, 3)
