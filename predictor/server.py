@@ -151,7 +151,8 @@ class BoundGRPCServer(GRPCServer):
         receive_limit = min(self._max_message_bytes, self._kwargs.get("grpc_max_receive_message_length") or 1 << 31)
         self._server = aio.server(
             futures.ThreadPoolExecutor(max_workers=max_workers),
-            interceptors=(self._guard, RequestIdInterceptor(), ErrorInterceptor()),
+            # Request ids outermost: refusals by the guard carry x-request-id too.
+            interceptors=(RequestIdInterceptor(), self._guard, ErrorInterceptor()),
             options=[
                 ("grpc.max_send_message_length", self._kwargs.get("grpc_max_send_message_length")),
                 # The same byte limit as HTTP bodies: a bigger message is refused by gRPC itself

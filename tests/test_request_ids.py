@@ -10,6 +10,7 @@ import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import httpx
@@ -169,6 +170,34 @@ def test_text_logs_of_a_server_carry_the_id(tmp_path: Path) -> None:
         while f"[request_id={request_id} traceparent={TRACEPARENT}]" not in server.log():
             assert time.monotonic() < deadline, server.log()[-3000:]
             time.sleep(0.05)  # another process's log file: nothing to await
+    finally:
+        server.process.kill()
+        server.process.wait()
+
+
+def test_refusals_carry_the_id_too(tmp_path: Path) -> None:
+    """An API key refusal (HTTP 401, gRPC UNAUTHENTICATED) still says which request it was."""
+    server = start_ferry(tmp_path, api_key="sesame-0123456789abcdef")
+    try:
+        answer = httpx.post(
+            f"{server.url}/generate", json={"text": "hi"}, headers={"X-Request-Id": "no-key-1"}, timeout=30
+        )
+        assert answer.status_code == 401 and answer.headers["x-request-id"] == "no-key-1"
+        request = pb.ModelInferRequest(
+            model_name=server.model_name,
+            inputs=[
+                pb.ModelInferRequest.InferInputTensor(
+                    name="text", datatype="BYTES", shape=[1], contents=pb.InferTensorContents(bytes_contents=[b"hi"])
+                )
+            ],
+        )
+        with grpc.insecure_channel(server.grpc_target) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.ModelInfer(request, metadata=(("x-request-id", "no-key-2"),), timeout=30)
+            error: Any = caught.value
+            assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert dict(error.initial_metadata())["x-request-id"] == "no-key-2"
     finally:
         server.process.kill()
         server.process.wait()
