@@ -132,6 +132,8 @@ CHECKS: dict[tuple[str, str], tuple[str, Check]] = {
     ("Request lengths", "C"): ("> 0", POSITIVE),
     ("Request lengths", "D"): ("> 0", POSITIVE),
     ("Requests by finish reason", "A"): ("> 0", POSITIVE),
+    ("Prompt length distribution", "A"): ("> 0", POSITIVE),
+    ("Generated length distribution", "A"): ("> 0", POSITIVE),
 }
 
 
