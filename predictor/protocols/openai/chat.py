@@ -32,7 +32,6 @@ from predictor.protocols.openai.schema import (
 )
 from predictor.protocols.openai.serving import Completion, CompletionStream, choice
 from predictor.protocols.requests import build_request, check_max_new_tokens, off_loop
-from predictor.tokenizer import EOS
 
 if TYPE_CHECKING:
     from predictor.model import FerryModel
@@ -191,7 +190,9 @@ async def chat_completions(model: FerryModel, raw_body: bytes) -> dict[str, Any]
     limits = model.limits
     template = load_chat_template(model.settings.chat_template)
     try:
-        prompt = template.render([m.as_template_input() for m in body.messages], bos_token=EOS, eos_token=EOS)
+        # bos_token/eos_token are empty: ferry's tokenizer adds OPT's leading </s> itself, and a
+        # special token written into the prompt's text would be split like any other text.
+        prompt = template.render([m.as_template_input() for m in body.messages])
     except ChatTemplateError as exc:
         raise OpenAIError(f"messages: {exc}", param="messages") from None
     if not prompt:
