@@ -302,6 +302,27 @@ class _Renumbered:
         self.listener.flush()
 
 
+LOGPROB_TOKEN_BUDGET = 2048  # positions (padded) per forward_batch call when scoring
+
+
+def _by_token_budget(sequences: list[list[str]], budget: int) -> list[list[list[str]]]:
+    """Consecutive groups whose padded size (count x longest) stays within `budget` (a longer
+    sequence goes alone)."""
+    groups: list[list[list[str]]] = []
+    current: list[list[str]] = []
+    longest = 0
+    for sequence in sequences:
+        size = max(longest, len(sequence)) * (len(current) + 1)
+        if current and size > budget:
+            groups.append(current)
+            current, longest = [], 0
+        current.append(sequence)
+        longest = max(longest, len(sequence))
+    if current:
+        groups.append(current)
+    return groups
+
+
 def _eos_groups(items: Sequence[EngineItem]) -> list[list[int]] | None:
     """CTranslate2 takes EOS handling per call. The batcher never mixes the two in one call;
     a direct caller that does gets its call split in two (None: nothing to split)."""
@@ -443,13 +464,26 @@ class CTranslate2Engine:
 
     def logprobs(self, sequences: Sequence[Sequence[str]], top: int) -> list[list[TokenLogprob]]:
         """Blocking. Per sequence, every token after the first: its log-probability given the
-        ones before and the `top` likeliest tokens there, from one forward pass of the whole
-        batch (CTranslate2's forward_batch: the same numbers as score_batch, plus alternatives)."""
+        ones before and the `top` likeliest tokens there, from forward passes over groups of the
+        sequences (CTranslate2's forward_batch: the same numbers as score_batch, plus the
+        alternatives), each group within LOGPROB_TOKEN_BUDGET padded positions."""
         import numpy as np
 
         vocabulary, ids = self._vocabulary()
-        batch = [list(sequence) for sequence in sequences]
-        log_probs = np.asarray(self._generator.forward_batch(batch, return_log_probs=True))
+        results: list[list[TokenLogprob]] = []
+        for batch in _by_token_budget([list(sequence) for sequence in sequences], LOGPROB_TOKEN_BUDGET):
+            # [batch, longest, vocabulary] float32: about 200 kB per position for OPT's vocabulary,
+            # so a call holds at most LOGPROB_TOKEN_BUDGET positions.
+            log_probs = np.asarray(self._generator.forward_batch(batch, return_log_probs=True))
+            results.extend(self._scored(batch, log_probs, vocabulary, ids, top))
+        return results
+
+    @staticmethod
+    def _scored(
+        batch: list[list[str]], log_probs: Any, vocabulary: list[str], ids: dict[str, int], top: int
+    ) -> list[list[TokenLogprob]]:
+        import numpy as np
+
         results: list[list[TokenLogprob]] = []
         for b, sequence in enumerate(batch):
             scored: list[TokenLogprob] = []

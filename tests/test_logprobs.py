@@ -113,3 +113,13 @@ def test_bad_chat_logprobs(client: openai.OpenAI, ferry: FerryProcess, kwargs: d
             model=ferry.model_name, messages=[{"role": "user", "content": "x"}], max_tokens=2, **kwargs
         )
     assert isinstance(caught.value.body, dict) and caught.value.body["param"] == param
+
+
+def test_scoring_groups_stay_within_the_token_budget() -> None:
+    from predictor.engine import _by_token_budget
+
+    sequences = [["t"] * n for n in (3, 5, 2, 9, 1, 4)]
+    groups = _by_token_budget(sequences, 10)
+    assert [s for group in groups for s in group] == sequences  # every sequence, in order
+    assert all(len(g) * max(len(s) for s in g) <= 10 or len(g) == 1 for g in groups)
+    assert _by_token_budget([["t"] * 30], 10) == [[["t"] * 30]]  # a long one goes alone
