@@ -4,9 +4,9 @@
 Generation runs through the batcher like any request (so it still batches with others); the
 log-probabilities of the finished sequence (prompt + generated tokens) then come from
 forward passes over the request's prompts (`engine.logprobs`, CTranslate2's forward_batch,
-grouped within a token budget), run on the engine's threads. With `echo` and `max_tokens: 0` nothing is generated: the prompt
-is scored, its first token's log-probability `null`, as evaluation harnesses expect (see
-`completion_logprobs`).
+grouped within a token budget), run on the engine's threads. With `echo` and `max_tokens: 0`
+nothing is generated: the prompt is scored, its first token's log-probability `null`, as
+evaluation harnesses expect (see `completion_logprobs`).
 """
 
 from __future__ import annotations
