@@ -292,7 +292,8 @@ def simulated_engine_ceiling(
     tokens = shared_tokenizer().encode(prompt)
 
     def run(n: int) -> None:
-        engine.generate([EngineItem(tokens, max_new_tokens) for _ in range(n)], GREEDY, Collect(n))
+        items = [EngineItem(tokens, max_new_tokens, ignore_eos=True) for _ in range(n)]
+        engine.generate(items, GREEDY, Collect(n))
 
     order, done, wall = _replay(
         sizes, run, concurrency=concurrency, max_in_flight=max_in_flight, time_cap_s=time_cap_s, seed=seed
