@@ -33,6 +33,7 @@ from predictor.text import TextAssembler
 from predictor.tokenizer import shared_tokenizer
 
 log = logging.getLogger("ferry.batcher")
+METRICS_DELAY_S = 0.02  # at most this late, per-request series are recorded (see Batcher)
 
 
 class BatcherError(Exception):
@@ -360,6 +361,11 @@ class Batcher:
         self._in_flight = 0
         self._batch_size_metric = metrics.batch_size_histogram(max_batch_size)
         self._series = metrics.RequestSeries(engine.info.name)
+        # Per-request observations wait for the next engine call (when the loop is idle), a
+        # scrape, or METRICS_DELAY_S: answering a batch and reading the next one is the serial
+        # part of a closed-loop cycle, and a histogram observe costs microseconds of it.
+        self._observations: list[tuple[RequestStream, EngineOutput, float]] = []
+        self._observe_timer: asyncio.TimerHandle | None = None
         metrics.SLOTS_TOTAL.set(self.slots)
         metrics.QUEUE_CAPACITY.set(max_queue_size)
         # Read when scraped, not written on every request.
@@ -506,8 +512,6 @@ class Batcher:
             ticket.running = True
             if ticket.dispatched_at is None:
                 ticket.dispatched_at = started
-            metrics.QUEUE_SECONDS.observe(started - ticket.admitted_at)
-        self._batch_size_metric.observe(len(batch))
         items = self._plan_call(batch)
         listener = _BatchListener(loop, self._deliver, batch, self._series.inter_token)
         generated_before = sum(len(item.generated) for item in items)
@@ -516,6 +520,11 @@ class Batcher:
             self._executor, self.engine.generate, items, batch[0].request.sampling, listener, alone
         )
         task = asyncio.create_task(self._run_batch(batch, items, listener, call, started, generated_before))
+        # The engine is busy from here: the loop's bookkeeping costs no cycle time now.
+        for ticket in batch:
+            metrics.QUEUE_SECONDS.observe(started - ticket.admitted_at)
+        self._batch_size_metric.observe(len(batch))
+        self.flush_observations()
         self._running_batches.add(task)
         task.add_done_callback(self._running_batches.discard)
 
@@ -538,7 +547,6 @@ class Batcher:
 
     def _deliver(self, events: list[tuple[RequestStream, str | EngineOutput]]) -> None:
         """On the loop: one step's (or one batch's) text deltas and answers."""
-        series = self._series
         now = time.monotonic()
         for ticket, event in events:
             if isinstance(event, str):
@@ -546,16 +554,28 @@ class Batcher:
             elif event.finish_reason == "length" and not ticket.item.final:
                 continue  # a chunk ended; _run_batch puts the request back in the queue
             elif ticket._resolve(event):
-                prompt_tokens = len(ticket.request.prompt_tokens)
-                generated = len(event.tokens)
-                metrics.PROMPT_TOKENS.inc(prompt_tokens)
-                series.finished[event.finish_reason].inc()
-                series.prompt_tokens.observe(prompt_tokens)
-                series.generation_tokens.observe(generated)
-                if generated and ticket.dispatched_at is not None:
-                    series.time_per_output_token.observe((now - ticket.dispatched_at) / generated)
-                if ticket.first_token_at is not None and ticket.request.incremental:
-                    metrics.TIME_TO_FIRST_TOKEN.observe(ticket.first_token_at - ticket.admitted_at)
+                self._observations.append((ticket, event, now))
+        if self._observations and self._observe_timer is None:
+            self._observe_timer = asyncio.get_running_loop().call_later(METRICS_DELAY_S, self.flush_observations)
+
+    def flush_observations(self) -> None:
+        """Records the answered requests' per-request series (see _observations)."""
+        if self._observe_timer is not None:
+            self._observe_timer.cancel()
+            self._observe_timer = None
+        observations, self._observations = self._observations, []
+        series = self._series
+        for ticket, output, answered_at in observations:
+            prompt_tokens = len(ticket.request.prompt_tokens)
+            generated = len(output.tokens)
+            metrics.PROMPT_TOKENS.inc(prompt_tokens)
+            series.finished[output.finish_reason].inc()
+            series.prompt_tokens.observe(prompt_tokens)
+            series.generation_tokens.observe(generated)
+            if generated and ticket.dispatched_at is not None:
+                series.time_per_output_token.observe((answered_at - ticket.dispatched_at) / generated)
+            if ticket.first_token_at is not None and ticket.request.incremental:
+                metrics.TIME_TO_FIRST_TOKEN.observe(ticket.first_token_at - ticket.admitted_at)
 
     async def _run_batch(
         self,
@@ -628,6 +648,7 @@ class Batcher:
 
     def stop(self) -> None:
         """Ends the consumer; anything still queued is failed with 503."""
+        self.flush_observations()
         self._stopping = True
         for ticket in list(self._queue):
             ticket._fail(Draining())

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import os
@@ -240,6 +241,11 @@ def _retry_after_on_uvicorn_503(retry_after_s: int) -> None:
         module.service_unavailable = service_unavailable  # type: ignore[attr-defined]
 
 
+def _flush_observations(models: list[FerryModel]) -> None:
+    for model in models:
+        model.batcher.flush_observations()
+
+
 def _loop_factory(event_loop: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
     """uvloop unless `--event_loop asyncio` (KServe's flag): its C event loop cuts ferry's
     per-request cost on the loop (measured at GPU-class rates, see docs/performance.md)."""
@@ -338,6 +344,7 @@ class FerryModelServer(kserve.ModelServer):
             api_key=api_key,
             # load/unload: not served unless enabled (then behind the API key)
             blocked_prefixes=() if self.settings.control_routes else (REPOSITORY_PREFIX,),
+            before_scrape=functools.partial(_flush_observations, ferry_models),
         )
         # Past this many connections or requests uvicorn answers 503 without calling the app:
         # under overload the excess never queues in the parser where no deadline applies.

@@ -58,6 +58,7 @@ class Front:
         retry_after_s: int,
         api_key: ApiKey | None = None,
         blocked_prefixes: tuple[str, ...] = (),
+        before_scrape: Callable[[], None] | None = None,
     ) -> None:
         install()
         self.fallback = fallback
@@ -66,6 +67,7 @@ class Front:
         self.retry_after = str(retry_after_s).encode()
         self.api_key = api_key  # None: no key configured
         self.blocked_prefixes = blocked_prefixes  # routes not served (KServe's model repository)
+        self.before_scrape = before_scrape  # records what waits to be recorded (see Batcher)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -96,6 +98,8 @@ class Front:
             await self._send_json(send, 413, {"error": str(BodyTooLarge(declared, self.max_body_bytes))})
             return
         route = self.routes.get((scope["method"], scope["path"]))
+        if route is None and self.before_scrape is not None and scope["path"] == "/metrics":
+            self.before_scrape()
         task = asyncio.current_task()
         assert task is not None
         gone = False
