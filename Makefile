@@ -36,10 +36,10 @@ $(VENV)/.stamp-dev: $(VENV)/.stamp-runtime pyproject.toml
 	touch $@
 
 $(MODEL_DIR)/model.bin: | $(VENV)/.stamp-runtime
-	$(PY) -m predictor.models random $(MODEL_DIR)
+	$(PY) -m predictor.build_model random $(MODEL_DIR)
 
 $(TINY_MODEL_DIR)/model.bin: | $(VENV)/.stamp-runtime
-	$(PY) -m predictor.models tiny $(TINY_MODEL_DIR)
+	$(PY) -m predictor.build_model tiny $(TINY_MODEL_DIR)
 
 models: $(MODEL_DIR)/model.bin $(TINY_MODEL_DIR)/model.bin
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from predictor.models import read_manifest
+from predictor.build_model import read_manifest
 from predictor.text import TextAssembler
 from predictor.tokenizer import EOS, shared_tokenizer
 

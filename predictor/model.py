@@ -79,7 +79,7 @@ class FerryModel(kserve.Model):
         self.settings = settings
         self.limits = Limits.from_settings(settings)
         self._given_engine = engine
-        self._generator: Engine | None = None
+        self._inference_engine: Engine | None = None  # `self.engine` is KServe's flag (below)
         self._batcher: Batcher | None = None
         self.engine = True  # KServe: run start_engine() on the serving loop
         self.draining = False
@@ -88,8 +88,8 @@ class FerryModel(kserve.Model):
     # ---- lifecycle -------------------------------------------------------------------
 
     def load(self) -> bool:
-        generator = self._given_engine or build_engine(self.settings)
-        info = generator.info
+        engine = self._given_engine or build_engine(self.settings)
+        info = engine.info
         if not info.real_weights:
             log.warning(
                 "serving %s weights from %s: output text is meaningless; performance figures hold",
@@ -116,9 +116,9 @@ class FerryModel(kserve.Model):
                 "lone_batch_threads": str(info.lone_batch_threads),
             }
         )
-        self._generator = generator
+        self._inference_engine = engine
         self._batcher = Batcher(
-            generator,
+            engine,
             max_batch_size=self.settings.max_batch_size,
             max_queue_size=self.settings.max_queue_size,
             max_batch_wait_s=self.settings.max_batch_wait_s,
@@ -129,10 +129,12 @@ class FerryModel(kserve.Model):
         return self.ready
 
     @property
-    def generator(self) -> Engine:
-        if self._generator is None:
+    def inference_engine(self) -> Engine:
+        """What computes the batches (CTranslate2Engine or SimulatedEngine). Not `engine`:
+        KServe's Model uses that name for a flag (run start_engine() on the serving loop)."""
+        if self._inference_engine is None:
             raise RuntimeError("load() has not run")
-        return self._generator
+        return self._inference_engine
 
     @property
     def batcher(self) -> Batcher:
@@ -201,12 +203,12 @@ class FerryModel(kserve.Model):
         if isinstance(payload, InferRequest):
             with self.observe("grpc" if payload.from_grpc else "v2"):
                 self.check_accepting()
-                requests = await off_loop(payload_chars(payload), v2.parse, payload, self.generator, self.limits)
+                requests = await off_loop(payload_chars(payload), v2.parse, payload, self.inference_engine, self.limits)
                 outputs = await self.generate(requests)
                 return v2.response(payload, self.name, outputs)
         with self.observe("v1"):
             self.check_accepting()
-            requests = await off_loop(payload_chars(payload), v1.parse, payload, self.generator, self.limits)
+            requests = await off_loop(payload_chars(payload), v1.parse, payload, self.inference_engine, self.limits)
             return v1.response(await self.generate(requests))
 
     # ---- V2 metadata -----------------------------------------------------------------
@@ -218,7 +220,7 @@ class FerryModel(kserve.Model):
         return v2.OUTPUTS_METADATA
 
     def model_parameters(self) -> dict[str, Any]:
-        info = self.generator.info
+        info = self.inference_engine.info
         return {
             "kind": info.kind,
             "real_weights": info.real_weights,

@@ -90,7 +90,7 @@ def front_routes(model: FerryModel) -> dict[tuple[str, str], Route]:
     async def generate_route(body: bytes) -> dict[str, Any]:
         with model.observe("generate"):
             model.check_accepting()
-            request = await off_loop(len(body), generate.parse, _json(body), model.generator, model.limits)
+            request = await off_loop(len(body), generate.parse, _json(body), model.inference_engine, model.limits)
             (output,) = await model.generate([request])
             return generate.response(output)
 

@@ -177,7 +177,7 @@ class Settings(BaseSettings):
         if self.engine == "ctranslate2" and not self.model_dir.is_dir():
             raise ValueError(
                 f"model_dir: {self.model_dir} is not a directory (build one with "
-                "`python -m predictor.models random models/opt-125m`)"
+                "`python -m predictor.build_model random models/opt-125m`)"
             )
         return self
 

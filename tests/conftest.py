@@ -39,7 +39,7 @@ def free_ports(n: int) -> list[int]:
 def ensure_tiny_model() -> Path:
     if not (TINY_MODEL / "model.bin").is_file():
         subprocess.run(
-            [sys.executable, "-m", "predictor.models", "tiny", str(TINY_MODEL)], check=True, cwd=ROOT
+            [sys.executable, "-m", "predictor.build_model", "tiny", str(TINY_MODEL)], check=True, cwd=ROOT
         )
     return TINY_MODEL
 

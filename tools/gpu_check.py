@@ -4,7 +4,7 @@ For a machine with an NVIDIA GPU and the CUDA 12 libraries CTranslate2 loads (th
 `pip install nvidia-cublas-cu12 nvidia-cudnn-cu12` next to ferry). Steps:
 
 1. preflight: CTranslate2 must see a CUDA device, else exit 2 at once with the reason;
-2. the offline OPT-125m-shaped model (`python -m predictor.models random DIR`), unless DIR has one;
+2. the offline OPT-125m-shaped model (`python -m predictor.build_model random DIR`), unless DIR has one;
 3. the engine ceiling: CTranslate2 called directly on the GPU (int8_float16): batch 1 latency, and
    40 prompts in flight as one call of 40 (the best a server can do for 40 users);
 4. ferry with `device auto` (must resolve to cuda) and `compute_type int8_float16`, on 127.0.0.1,
@@ -376,7 +376,7 @@ def main() -> int:
         if not (args.model_dir / "model.bin").is_file():
             print(f"gpu-check: building the offline model in {args.model_dir}", flush=True)
             t = time.monotonic()
-            subprocess.run([sys.executable, "-m", "predictor.models", "random", str(args.model_dir)],
+            subprocess.run([sys.executable, "-m", "predictor.build_model", "random", str(args.model_dir)],
                            cwd=ROOT, check=True)
             summary.add("model build", f"{time.monotonic() - t:.0f} s ({args.model_dir})")
         else:

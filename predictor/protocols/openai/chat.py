@@ -202,7 +202,7 @@ async def chat_completions(model: FerryModel, raw_body: bytes) -> dict[str, Any]
     request = await off_loop(  # a long conversation is tokenised off the event loop
         len(prompt),
         build_request,
-        model.generator,
+        model.inference_engine,
         prompt,
         max_tokens,
         limits,

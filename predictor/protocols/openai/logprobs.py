@@ -25,7 +25,7 @@ Decode = Callable[[Sequence[str]], str]
 
 async def score(model: FerryModel, sequences: list[list[str]], top: int) -> list[list[TokenLogprob]]:
     """Each sequence's tokens after the first, with their log-probabilities (engine threads)."""
-    scorer = getattr(model.generator, "logprobs", None)
+    scorer = getattr(model.inference_engine, "logprobs", None)
     if scorer is None:
         raise OpenAIError("logprobs: this engine cannot compute log-probabilities", param="logprobs")
     return await model.batcher.call_engine(scorer, sequences, top)

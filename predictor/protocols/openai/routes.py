@@ -78,7 +78,7 @@ async def completions(model: FerryModel, raw_body: bytes) -> dict[str, Any] | Co
             field = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
             built.append(
                 build_request(
-                    model.generator,
+                    model.inference_engine,
                     check_text(text, field),
                     max_tokens,
                     limits,

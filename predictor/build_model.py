@@ -1,4 +1,4 @@
-"""Builds model directories: `python -m predictor.models convert|random|tiny OUT`.
+"""Builds model directories: `python -m predictor.build_model convert|random|tiny OUT`.
 
 - convert: real OPT weights through CTranslate2's TransformersConverter (the `convert`
   extra; a hub id needs the network, a local transformers directory does not).
@@ -173,14 +173,14 @@ def convert(model_id: str, out: Path, quantization: str) -> Path:
     except OSError as exc:
         raise SystemExit(
             f"could not fetch {model_id!r} from the model hub ({exc}). Offline? Build the "
-            "OPT-125m-shaped model instead: python -m predictor.models random OUT"
+            "OPT-125m-shaped model instead: python -m predictor.build_model random OUT"
         ) from exc
     write_manifest(out, kind="converted", source=model_id, architecture="opt", quantization=quantization)
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m predictor.models", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m predictor.build_model", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p_convert = sub.add_parser("convert", help="convert real weights: a hub id (needs network) or a local directory")
     p_convert.add_argument("model_id", help="e.g. facebook/opt-125m, or a directory saved by transformers")
