@@ -36,9 +36,36 @@ class GuardConfig:
     probe_paths: frozenset[bytes] = frozenset()  # served past the connection cap
     closing: bool = False  # shutdown: every new request is answered 503
     cut: dict[str, int] = field(default_factory=dict)  # connections cut, by reason (tests, logs)
+    # Connections with a deadline, checked by one sweeper timer: arming a deadline per request
+    # is then two assignments, not a timer scheduled and cancelled (measured on the hot path).
+    watched: dict[GuardedProtocol, None] = field(default_factory=dict)
+    sweeper: asyncio.TimerHandle | None = None
 
     def count(self, reason: str) -> None:
         self.cut[reason] = self.cut.get(reason, 0) + 1
+
+    @property
+    def sweep_interval_s(self) -> float:
+        """A tenth of the shortest timeout (so a timeout is enforced within 10 % of itself)."""
+        return min(max(min(self.header_timeout_s, self.body_timeout_s) / 10, 0.02), 1.0)
+
+    def watch(self, connection: GuardedProtocol) -> None:
+        self.watched[connection] = None
+        if self.sweeper is None:
+            self.sweeper = connection.loop.call_later(self.sweep_interval_s, self._sweep, connection.loop)
+
+    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.sweeper = None
+        now = loop.time()
+        for connection in list(self.watched):
+            deadline = connection._deadline
+            if deadline is None or now >= deadline:
+                del self.watched[connection]
+                if deadline is not None:
+                    connection._deadline = None
+                    connection._timed_out(connection._deadline_reason)
+        if self.watched:
+            self.sweeper = loop.call_later(self.sweep_interval_s, self._sweep, loop)
 
 
 def _response(status: int, message: str, extra: list[tuple[bytes, bytes]] | None = None) -> bytes:
@@ -62,7 +89,8 @@ class GuardedProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._header_count = 0
         self._head_fed = 0  # bytes received while in the head: bounds httptools' buffering
-        self._timer: asyncio.TimerHandle | None = None
+        self._deadline: float | None = None  # loop time by which the current phase must end
+        self._deadline_reason = ""
         self._arm(self.GUARD.header_timeout_s, "header_timeout")
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -72,16 +100,14 @@ class GuardedProtocol(HttpToolsProtocol):
     # ---- timers --------------------------------------------------------------------------
 
     def _arm(self, seconds: float, reason: str) -> None:
-        self._disarm()
-        self._timer = self.loop.call_later(seconds, self._timed_out, reason)
+        self._deadline = self.loop.time() + seconds
+        self._deadline_reason = reason
+        self.GUARD.watch(self)
 
     def _disarm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._deadline = None  # the sweeper forgets the connection on its next pass
 
     def _timed_out(self, reason: str) -> None:
-        self._timer = None
         if reason == "header_timeout" and self._in_head:
             if not self._started:  # not a byte of a request: nothing to answer, just close
                 self.GUARD.count("idle_timeout")
@@ -147,7 +173,7 @@ class GuardedProtocol(HttpToolsProtocol):
         self._started = True
         self._head_bytes = 0
         self._header_count = 0
-        if self._timer is None:  # a keep-alive connection's next request starts now
+        if self._deadline is None:  # a keep-alive connection's next request starts now
             self._arm(self.GUARD.header_timeout_s, "header_timeout")
 
     def on_url(self, url: bytes) -> None:
