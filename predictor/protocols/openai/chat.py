@@ -12,8 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from predictor import request_context
 from predictor.chat_template import ChatTemplateError, load_chat_template
@@ -24,10 +23,13 @@ from predictor.protocols.openai.schema import (
     MAX_TOP_K,
     MIN_TOP_P,
     OpenAIError,
+    OpenAIRequest,
     StreamOptions,
     check_stops,
-    from_validation_error,
-    model_not_found,
+    common_unsupported,
+    parse_request,
+    raise_unsupported,
+    read_request,
     sampling_of,
 )
 from predictor.protocols.openai.serving import Completion, CompletionStream, choice
@@ -58,12 +60,9 @@ class ChatMessage(BaseModel):
         return message
 
 
-class ChatCompletionRequest(BaseModel):
-    """POST /v1/chat/completions. Strict like completions: wrong types and unknown fields are 400s."""
+class ChatCompletionRequest(OpenAIRequest):
+    """POST /v1/chat/completions (strict like completions)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    model: str
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
@@ -101,18 +100,8 @@ class ChatCompletionRequest(BaseModel):
                 self.top_logprobs is not None and not (self.logprobs and 0 <= self.top_logprobs <= 5),
                 "must be between 0 and 5, with logprobs true",
             ),
-            ("presence_penalty", self.presence_penalty not in (None, 0), "only 0 is supported"),
-            ("frequency_penalty", self.frequency_penalty not in (None, 0), "only 0 is supported"),
-            ("logit_bias", bool(self.logit_bias), "logit_bias is not supported"),
-            (
-                "stream_options",
-                self.stream_options is not None and not self.stream,
-                "stream_options is only allowed when stream is true",
-            ),
         ]
-        for param, bad, message in unsupported:
-            if bad:
-                raise OpenAIError(f"{param}: {message}", param=param)
+        raise_unsupported([*unsupported, *common_unsupported(self)])
 
     def sampling(self) -> Sampling:
         return sampling_of(self.temperature, self.top_k, self.top_p)
@@ -125,14 +114,7 @@ class ChatCompletionRequest(BaseModel):
 
 
 def parse_chat(payload: Any) -> ChatCompletionRequest:
-    if not isinstance(payload, dict):
-        raise OpenAIError("The request body must be a JSON object.")
-    try:
-        request = ChatCompletionRequest.model_validate(payload)
-    except ValidationError as exc:
-        raise from_validation_error(exc) from None
-    request.check_supported()
-    return request
+    return parse_request(payload, ChatCompletionRequest)
 
 
 @dataclass
@@ -180,13 +162,7 @@ class ChatEnvelope(Envelope):
 async def chat_completions(model: FerryModel, raw_body: bytes) -> dict[str, Any] | CompletionStream:
     """POST /v1/chat/completions: the JSON answer, or the event stream the caller then sends."""
     model.check_accepting()
-    try:
-        payload = orjson.loads(raw_body)
-    except orjson.JSONDecodeError as exc:
-        raise OpenAIError(f"The request body is not valid JSON ({exc}).") from None
-    body = parse_chat(payload)
-    if body.model != model.name:
-        raise model_not_found(body.model)
+    body = read_request(raw_body, ChatCompletionRequest, model.name)
     limits = model.limits
     template = load_chat_template(model.settings.chat_template)
     try:

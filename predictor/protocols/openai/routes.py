@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-import orjson
 from fastapi import FastAPI
 from starlette.responses import JSONResponse
 
@@ -15,7 +14,7 @@ from predictor.engine import EngineOutput
 from predictor.protocols.openai.chat import template_card
 from predictor.protocols.openai.logprobs import completion_logprobs, gather_scores
 from predictor.protocols.openai.responses import Envelope, error_status_and_body
-from predictor.protocols.openai.schema import OpenAIError, model_not_found, parse_completion
+from predictor.protocols.openai.schema import CompletionRequest, model_not_found, read_request
 from predictor.protocols.openai.serving import Completion, CompletionStream, choice
 from predictor.protocols.requests import build_request, check_count, check_max_new_tokens, check_text, off_loop
 
@@ -57,13 +56,7 @@ def register_model_routes(app: FastAPI, model: FerryModel, prefix: str = DEFAULT
 async def completions(model: FerryModel, raw_body: bytes) -> dict[str, Any] | CompletionStream:
     """POST /v1/completions: the JSON answer, or the event stream the caller then sends."""
     model.check_accepting()
-    try:
-        payload = orjson.loads(raw_body)
-    except orjson.JSONDecodeError as exc:
-        raise OpenAIError(f"The request body is not valid JSON ({exc}).") from None
-    body = parse_completion(payload)
-    if body.model != model.name:
-        raise model_not_found(body.model)
+    body = read_request(raw_body, CompletionRequest, model.name)
     limits = model.limits
     prompts = body.prompts
     check_count(len(prompts), "prompt", limits)

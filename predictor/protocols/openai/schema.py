@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
+import orjson
 from kserve.errors import InvalidInput
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -81,12 +82,24 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class CompletionRequest(BaseModel):
-    """POST /v1/completions. Strict: wrong types are 400s, never coerced; unknown fields too."""
+class OpenAIRequest(BaseModel):
+    """What every OpenAI request body shares. Strict: wrong types are 400s, never coerced;
+    unknown fields too."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str
+
+    def check_supported(self) -> None:
+        """Parameters accepted only at their neutral value: a clear 400 otherwise."""
+
+
+RequestT = TypeVar("RequestT", bound=OpenAIRequest)
+
+
+class CompletionRequest(OpenAIRequest):
+    """POST /v1/completions."""
+
     prompt: Any
     max_tokens: int | None = None
     temperature: float | None = Field(None, ge=0, le=2)
@@ -145,18 +158,8 @@ class CompletionRequest(BaseModel):
             ("echo", self.echo and self.stream, "echo is not supported when streaming"),
             ("max_tokens", self.max_tokens == 0 and not self.echo, "0 is only allowed with echo (prompt scoring)"),
             ("suffix", self.suffix is not None, "suffix (insertion) is not supported"),
-            ("presence_penalty", self.presence_penalty not in (None, 0), "only 0 is supported"),
-            ("frequency_penalty", self.frequency_penalty not in (None, 0), "only 0 is supported"),
-            ("logit_bias", bool(self.logit_bias), "logit_bias is not supported"),
-            (
-                "stream_options",
-                self.stream_options is not None and not self.stream,
-                "stream_options is only allowed when stream is true",
-            ),
         ]
-        for param, bad, message in unsupported:
-            if bad:
-                raise OpenAIError(f"{param}: {message}", param=param)
+        raise_unsupported([*unsupported, *common_unsupported(self)])
 
     def sampling(self) -> Sampling:
         return sampling_of(self.temperature, self.top_k, self.top_p)
@@ -173,15 +176,54 @@ def sampling_of(temperature: float | None, top_k: int | None, top_p: float | Non
     return Sampling(temperature=temperature, top_k=top_k, top_p=1.0 if top_p is None else top_p)
 
 
-def parse_completion(payload: Any) -> CompletionRequest:
+def common_unsupported(request: Any) -> list[tuple[str, bool, str]]:
+    """The checks completions and chat completions share (parameters only at their neutral value)."""
+    return [
+        ("presence_penalty", request.presence_penalty not in (None, 0), "only 0 is supported"),
+        ("frequency_penalty", request.frequency_penalty not in (None, 0), "only 0 is supported"),
+        ("logit_bias", bool(request.logit_bias), "logit_bias is not supported"),
+        (
+            "stream_options",
+            request.stream_options is not None and not request.stream,
+            "stream_options is only allowed when stream is true",
+        ),
+    ]
+
+
+def raise_unsupported(checks: list[tuple[str, bool, str]]) -> None:
+    """A 400 naming the first parameter whose check failed."""
+    for param, bad, message in checks:
+        if bad:
+            raise OpenAIError(f"{param}: {message}", param=param)
+
+
+def parse_request(payload: Any, schema: type[RequestT]) -> RequestT:
+    """A JSON object validated against `schema` (strict: wrong types and unknown fields are
+    400s in OpenAI's shape), then its own unsupported-parameter checks."""
     if not isinstance(payload, dict):
         raise OpenAIError("The request body must be a JSON object.")
     try:
-        request = CompletionRequest.model_validate(payload)
+        request = schema.model_validate(payload)
     except ValidationError as exc:
         raise from_validation_error(exc) from None
     request.check_supported()
     return request
+
+
+def read_request(raw_body: bytes, schema: type[RequestT], model_name: str) -> RequestT:
+    """The body of a POST: JSON, validated, for the served model (else 404 model_not_found)."""
+    try:
+        payload = orjson.loads(raw_body)
+    except orjson.JSONDecodeError as exc:
+        raise OpenAIError(f"The request body is not valid JSON ({exc}).") from None
+    request = parse_request(payload, schema)
+    if request.model != model_name:
+        raise model_not_found(request.model)
+    return request
+
+
+def parse_completion(payload: Any) -> CompletionRequest:
+    return parse_request(payload, CompletionRequest)
 
 
 
