@@ -6,7 +6,7 @@ generator (loadtest/driver.py, closed loop):
 1. ferry on CTranslate2 with its own defaults (thread plan `auto`), and after each of its
    measurements the engine's limit at the same requests in flight: CTranslate2 called directly
    with perfectly formed batches in the best of its configurations (loadtest/engine_limit.py),
-   independent of the batches ferry formed (a replay of those is kept as a diagnostic only);
+   independent of the batches ferry formed;
 2. the naive FastAPI server (engine on the event loop, one request per call);
 3. the timer batcher (FastAPI + background task, max batch 50, fixed 100 ms wait);
 4. ferry with SimulatedEngine at GPU-class speed, beside that engine's formula ceiling and
@@ -18,8 +18,8 @@ measured `reps` times and reported as the median. Everything runs on 127.0.0.1 i
 that are stopped at the end, whatever happens. Results: bench-results/bench-<mode>.{json,md};
 plots: docs/ (full mode) or bench-results/ (quick mode).
 
-Quick mode takes about 2.5 minutes; full mode 15-20 (bounded: every warm-up, window and
-ceiling replay has a cap; see --help for the knobs).
+Quick mode takes about 4 minutes; full mode about 20 (bounded: every warm-up, window and
+engine-limit measurement has a cap; see --help for the knobs).
 """
 
 from __future__ import annotations

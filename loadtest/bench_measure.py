@@ -1,15 +1,13 @@
 """`make bench`: one measurement (closed-loop driver, snapshots of /metrics and CPU) and the
-yardsticks beside it: the engine limit (loadtest/engine_limit.py) and the diagnostic replay."""
+yardstick beside it: the engine limit (loadtest/engine_limit.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import collections
 import json
-import os
 import subprocess
 import sys
-import tempfile
 from typing import Any
 
 from loadtest.bench_config import (
@@ -171,61 +169,6 @@ def ferry_thread_plan(server: Server) -> dict[str, int]:
     _, body = http_get(server.url + "/v2/models/opt-125m")
     parameters = json.loads(body).get("parameters", {})
     return {k: int(parameters.get(k, 0)) for k in ("slots", "threads_per_slot", "lone_batch_threads")}
-
-
-def run_ceiling(
-    cfg: BenchConfig,
-    sizes: list[int],
-    concurrency: int,
-    single_runs: int,
-    users: int,
-    *,
-    inter_threads: int | None = None,
-    intra_threads: int | None = None,
-) -> dict[str, Any]:
-    """The ceiling subprocess; `users` bounds the requests in flight, as it bounded the server."""
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(sizes, f)
-        sizes_file = f.name
-    try:
-        out = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "loadtest.ceiling",
-                "--model-dir",
-                str(cfg.model_dir),
-                "--sizes",
-                "@" + sizes_file,
-                "--prompt",
-                cfg.prompt,
-                "--max-new-tokens",
-                str(cfg.max_new_tokens),
-                "--concurrency",
-                str(concurrency),
-                "--inter-threads",
-                str(inter_threads or cfg.inter_threads),
-                "--intra-threads",
-                str(intra_threads or cfg.intra_threads),
-                "--compute-type",
-                cfg.compute_type,
-                "--time-cap",
-                str(cfg.measure_s),
-                "--single-runs",
-                str(single_runs),
-                "--max-in-flight",
-                str(users),
-            ],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=cfg.measure_s * 6 + 120,
-            check=True,
-        )
-    finally:
-        os.unlink(sizes_file)
-    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
-    return result
 
 
 # ---- each server ------------------------------------------------------------------------

@@ -18,12 +18,9 @@ from loadtest.bench_measure import (
     ferry_batches,
     ferry_thread_plan,
     measure,
-    run_ceiling,
     run_engine_limit,
 )
-from loadtest.ceiling import (
-    simulated_engine_ceiling,
-)
+from loadtest.ceiling import simulated_ceiling
 from loadtest.driver import (
     generate_body,
     mixed_generate_body,
@@ -54,14 +51,12 @@ def bench_ferry(
     server = start_ferry(label, log_dir=log_dir, settings=settings)
     try:
         server.wait_ready()
-        plan = ferry_thread_plan(server)
-        results.setdefault("ferry_thread_plan", plan)
-        slots = plan["slots"] or 1
+        results.setdefault("ferry_thread_plan", ferry_thread_plan(server))
         for users in levels or cfg.levels:
             for rep in range(cfg.repetitions(users)):
                 row, snaps = measure(cfg, server, label=label, users=users, metrics_path="/metrics")
                 row["rep"] = rep
-                sizes = ferry_batches(row, snaps)
+                ferry_batches(row, snaps)
                 limit = run_engine_limit(cfg, users)
                 row["ceiling"] = limit
                 row["ceiling_rps"] = limit["rps"]
@@ -74,15 +69,6 @@ def bench_ferry(
                     f"  {label}/ceiling {report.ratio(row['rps'], limit['rps']):.2f}"
                 )
                 log(f"{'':10s} batch sizes formed (size: count): {row.get('batch_size_counts', {})}")
-                if sizes and users == cfg.reference_users and rep == 0 and label == "ferry":
-                    # Diagnostic only (never a ratio's denominator): ferry's own batches replayed
-                    # on one generator with its slots and threads.
-                    replay = run_ceiling(
-                        cfg, sizes, min(slots, users), single_runs=1, users=users,
-                        inter_threads=slots, intra_threads=plan["threads_per_slot"] or 1,
-                    )  # fmt: skip
-                    row["replay_rps"] = replay["rps"]
-                    log(f"{'replay':10s} users={users:<4d} {replay['rps']:8.1f} req/s (ferry's own batches)")
                 results["sweep"].setdefault(label, []).append(row)
         if cfg.protocols and extras:
             name = "opt-125m"
@@ -116,7 +102,7 @@ def bench_ferry(
         if cfg.mixed and extras:
             results["extra"].append(measure_mixed(cfg, server, "ferry-mixed", "/metrics"))
         if cfg.streaming and extras:
-            results["extra"].append(measure_streaming(cfg, server, slots))
+            results["extra"].append(measure_streaming(cfg, server))
         if cfg.locust and extras:
             results["extra"].append(run_locust(cfg, server, log_dir))
     finally:
@@ -145,19 +131,12 @@ def bench_sim(cfg: BenchConfig, log_dir: Path, results: dict[str, Any]) -> None:
                     cfg, server, label="ferry-sim", users=users, metrics_path="/metrics"
                 )
                 row["rep"] = rep
-                sizes = ferry_batches(row, snaps)
-                if sizes:
-                    ceiling = simulated_engine_ceiling(
-                        sizes,
-                        prompt=cfg.prompt,
-                        max_new_tokens=cfg.max_new_tokens,
-                        latency=latency,
-                        concurrency=1,
-                        max_in_flight=users,
-                        time_cap_s=min(cfg.measure_s, 4.0),
-                    )
-                    row["ceiling"] = ceiling
-                    row["ceiling_rps"] = ceiling["rps"]
+                ferry_batches(row, snaps)
+                # The engine's formula for all `users` in one batch: n / T(n, t), independent of
+                # the batches ferry formed.
+                ceiling = simulated_ceiling([users], max_new_tokens=cfg.max_new_tokens, latency=latency)
+                row["ceiling"] = ceiling
+                row["ceiling_rps"] = ceiling["rps"]
                 results["sweep"]["ferry-sim"].append(row)
         results["gpu_speed"] = gpu_speed(cfg, server, latency, log_dir)
     finally:
@@ -235,9 +214,9 @@ def bench_baseline(cfg: BenchConfig, name: str, log_dir: Path, results: dict[str
         log(f"{name} stopped")
 
 
-def measure_streaming(cfg: BenchConfig, server: Server, slots: int) -> dict[str, Any]:
-    """Half the users stream greedy OpenAI completions, half post /generate; the ceiling replays
-    the batches ferry formed, and time to first token is the streamed users' first chunk."""
+def measure_streaming(cfg: BenchConfig, server: Server) -> dict[str, Any]:
+    """Half the users stream greedy OpenAI completions, half post /generate; the ceiling is the
+    engine limit at the same users, and time to first token is the streamed users' first chunk."""
     label = "ferry-stream-mix"
     row, snaps = measure(
         cfg,

@@ -56,9 +56,6 @@ def summarize(cfg: BenchConfig, results: dict[str, Any]) -> dict[str, Any]:
         s["ferry_over_ceiling"] = report.median_of(
             [report.ratio(r["rps"], r["ceiling_rps"]) for r in ferry_ref if r.get("ceiling_rps")]
         )
-    replay = [r["replay_rps"] for r in ferry_ref if r.get("replay_rps")]
-    if replay:
-        s["replay_rps"] = replay[0]
     by_users = {
         users: report.ratio(f["rps"], t["rps"])
         for users in cfg.levels
@@ -123,9 +120,6 @@ def verdicts(cfg: BenchConfig, s: dict[str, Any]) -> list[str]:
             line(v >= 0.95, f"ferry / engine limit (its best configuration, same in flight) at {ref} users"
                  f" = {v:.2f} (>= 0.95)")
         )
-    if "replay_rps" in s:
-        replay = s["replay_rps"]
-        lines.append(f"info  a replay of ferry's own batches: {replay:.1f} req/s (diagnostic, not a yardstick)")
     if "ferry_p50_over_engine_single" in s:
         v = s["ferry_p50_over_engine_single"]
         ferry_ms, engine_ms = s["ferry_p50_1_user_s"] * 1000, s["engine_single_latency_s"] * 1000
