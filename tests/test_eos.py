@@ -10,12 +10,12 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import httpx
 import openai
 import pytest
-from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
 
 from predictor.batcher import Batcher, GenerationRequest, TextDelta
@@ -29,10 +29,10 @@ from predictor.engine import (
     SimulatedEngine,
 )
 from predictor.protocols import generate, v1
-from predictor.protocols.requests import Limits
 from predictor.tokenizer import EOS, shared_tokenizer
-from tests.conftest import REFERENCE_PROMPT, ROOT, FerryProcess, start_ferry
+from tests.conftest import REFERENCE_PROMPT, ROOT, FerryProcess
 from tests.fakes import WAIT_S, GatedEngine
+from tests.helpers import grpc_text_request, limits, occupy, openai_client, running_batcher, serving, streamed
 
 EOS_MODEL = ROOT / "models" / "eos"
 EOS_POSITION = 16  # the builder's default: positions >= 16 predict </s>
@@ -125,12 +125,8 @@ def test_a_direct_call_that_mixes_eos_handling_is_split(eos_engine: CTranslate2E
 @pytest.fixture
 async def sim_batcher() -> AsyncIterator[Batcher]:
     engine = SimulatedEngine(name="sim", latency=LatencyModel(0.0, 0.0, 0.0), eos_after=3)
-    batcher = Batcher(engine, max_batch_size=8, chunk_tokens=4)
-    consumer = asyncio.create_task(batcher.run())
-    yield batcher
-    batcher.stop()
-    await asyncio.wait_for(consumer, WAIT_S)
-    batcher.close()
+    async with running_batcher(engine, max_batch_size=8, chunk_tokens=4) as batcher:
+        yield batcher
 
 
 async def test_simulated_eos_plain_streamed_and_ignored(sim_batcher: Batcher) -> None:
@@ -148,9 +144,7 @@ async def test_simulated_eos_plain_streamed_and_ignored(sim_batcher: Batcher) ->
 
 async def test_chunked_request_ends_at_eos_in_a_later_chunk() -> None:
     engine = SimulatedEngine(name="sim", latency=LatencyModel(0.0, 0.0, 0.0), eos_after=10)
-    batcher = Batcher(engine, max_batch_size=8, chunk_tokens=4)
-    consumer = asyncio.create_task(batcher.run())
-    try:
+    async with running_batcher(engine, max_batch_size=8, chunk_tokens=4) as batcher:
         prompt = TOKENIZER.encode(REFERENCE_PROMPT)
         # Submitted together: one batch, so the long one decodes in chunks of 4.
         long, short = batcher.submit(GenerationRequest(prompt, 30)), batcher.submit(GenerationRequest(prompt, 2))
@@ -158,43 +152,24 @@ async def test_chunked_request_ends_at_eos_in_a_later_chunk() -> None:
         assert (out_short.generated_tokens, out_short.finish_reason) == (2, "length")
         assert (out_long.generated_tokens, out_long.finish_reason) == (10, "eos")
         assert out_long.text == TOKENIZER.decode(out_long.tokens)
-    finally:
-        batcher.stop()
-        await asyncio.wait_for(consumer, WAIT_S)
-        batcher.close()
 
 
 async def test_eos_and_ignore_eos_requests_go_to_separate_batches() -> None:
     engine = GatedEngine(hold_at_step=0)
-    batcher = Batcher(engine, max_batch_size=8)
-    consumer = asyncio.create_task(batcher.run())
-    try:
-        first = batcher.submit(GenerationRequest(["</s>", "x"], 2))
-        (held,) = await asyncio.to_thread(engine.wait_for_calls, 1)
+    async with running_batcher(engine, max_batch_size=8) as batcher:
+        held = await occupy(batcher, engine, GenerationRequest(["</s>", "x"], 2))
         others = [batcher.submit(GenerationRequest(["</s>", f"w{i}"], 2, ignore_eos=i % 2 == 0)) for i in range(4)]
-        engine.auto_release = True
-        held.release.set()
-        await asyncio.wait_for(asyncio.gather(first.result(), *(o.result() for o in others)), WAIT_S)
+        await held.release()
+        await asyncio.wait_for(asyncio.gather(*(o.result() for o in others)), WAIT_S)
         calls = engine.calls[1:]
         assert sorted(len(c.items) for c in calls) == [2, 2]
         for call in calls:
             assert len({item.ignore_eos for item in call.items}) == 1
-    finally:
-        batcher.stop()
-        await asyncio.wait_for(consumer, WAIT_S)
-        batcher.close()
 
 
 # ---- parsing -----------------------------------------------------------------------------
 
-LIMITS = Limits(
-    default_max_new_tokens=16,
-    max_new_tokens=64,
-    max_prompt_tokens=64,
-    max_instances=4,
-    request_timeout_s=30,
-    max_request_timeout_s=60,
-)
+LIMITS = limits()
 
 
 def test_ignore_eos_fields_parse_and_default_to_false() -> None:
@@ -216,15 +191,13 @@ def test_ignore_eos_fields_parse_and_default_to_false() -> None:
 
 @pytest.fixture(scope="module")
 def eos_ferry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FerryProcess]:
-    server = start_ferry(tmp_path_factory.mktemp("eos"), model_dir=ensure_eos_model())
-    yield server
-    server.process.kill()
-    server.process.wait()
+    with serving(tmp_path_factory.mktemp("eos"), model_dir=ensure_eos_model()) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
 def client(eos_ferry: FerryProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{eos_ferry.url}/openai/v1", api_key="unused", max_retries=0, timeout=60)
+    return openai_client(eos_ferry)
 
 
 def test_openai_completion_stops_at_eos(client: openai.OpenAI, eos_ferry: FerryProcess) -> None:
@@ -236,15 +209,8 @@ def test_openai_completion_stops_at_eos(client: openai.OpenAI, eos_ferry: FerryP
         alone = client.completions.create(model=eos_ferry.model_name, prompt=prompt, max_tokens=ASKED, temperature=0)
         assert alone.choices[0].text == choice.text and alone.choices[0].finish_reason == "stop"
         assert alone.usage is not None and alone.usage.completion_tokens == tokens_until_eos(prompt)
-    chunks = list(
-        client.completions.create(
-            model=eos_ferry.model_name,
-            prompt=REFERENCE_PROMPT,
-            max_tokens=ASKED,
-            temperature=0,
-            stream=True,
-            stream_options={"include_usage": True},
-        )
+    chunks = streamed(
+        client.completions.create, model=eos_ferry.model_name, prompt=REFERENCE_PROMPT, max_tokens=ASKED, temperature=0
     )
     text = "".join(c.choices[0].text for c in chunks if c.choices)
     finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
@@ -253,22 +219,19 @@ def test_openai_completion_stops_at_eos(client: openai.OpenAI, eos_ferry: FerryP
 
 
 def test_openai_ignore_eos_keeps_the_exact_count(client: openai.OpenAI, eos_ferry: FerryProcess) -> None:
-    for stream in (False, True):
-        kwargs = {"model": eos_ferry.model_name, "prompt": REFERENCE_PROMPT, "max_tokens": ASKED, "temperature": 0}
-        if not stream:
-            result = client.completions.create(**kwargs, extra_body={"ignore_eos": True})  # type: ignore[call-overload]
-            assert result.choices[0].finish_reason == "length"
-            assert result.usage is not None and result.usage.completion_tokens == ASKED
-        else:
-            chunks = list(
-                client.completions.create(  # type: ignore[call-overload]
-                    **kwargs, stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True}
-                )
-            )
-            assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
-                "length"
-            ]
-            assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == ASKED
+    kwargs: dict[str, Any] = {
+        "model": eos_ferry.model_name,
+        "prompt": REFERENCE_PROMPT,
+        "max_tokens": ASKED,
+        "temperature": 0,
+        "extra_body": {"ignore_eos": True},
+    }
+    result = client.completions.create(**kwargs)
+    assert result.choices[0].finish_reason == "length"
+    assert result.usage is not None and result.usage.completion_tokens == ASKED
+    chunks = streamed(client.completions.create, **kwargs)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == ASKED
     with pytest.raises(openai.BadRequestError):
         client.completions.create(
             model=eos_ferry.model_name, prompt="a", max_tokens=2, extra_body={"ignore_eos": "yes"}
@@ -306,21 +269,7 @@ def test_generate_v1_v2_and_grpc_count_what_they_got(eos_ferry: FerryProcess) ->
     with grpc.insecure_channel(eos_ferry.grpc_target) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         for ignore, count in ((False, expected), (True, ASKED)):
-            request = pb.ModelInferRequest(
-                model_name=eos_ferry.model_name,
-                inputs=[
-                    pb.ModelInferRequest.InferInputTensor(
-                        name="text",
-                        datatype="BYTES",
-                        shape=[1],
-                        contents=pb.InferTensorContents(bytes_contents=[REFERENCE_PROMPT.encode()]),
-                    )
-                ],
-                parameters={
-                    "max_new_tokens": pb.InferParameter(int64_param=ASKED),
-                    "ignore_eos": pb.InferParameter(bool_param=ignore),
-                },
-            )
+            request = grpc_text_request(eos_ferry.model_name, max_new_tokens=ASKED, ignore_eos=ignore)
             response = stub.ModelInfer(request, timeout=30)
             outputs = {o.name: o for o in response.outputs}
             assert list(outputs["generated_tokens"].contents.int_contents) == [count]

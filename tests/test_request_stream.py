@@ -19,6 +19,7 @@ from predictor.batcher import (
 )
 from predictor.engine import EngineOutput
 from tests.fakes import WAIT_S, GatedEngine
+from tests.helpers import occupy, running_batcher
 
 
 def req(word: str, tokens: int = 3, **kwargs: object) -> GenerationRequest:
@@ -29,15 +30,8 @@ def req(word: str, tokens: int = 3, **kwargs: object) -> GenerationRequest:
 async def batcher() -> AsyncIterator[tuple[Batcher, GatedEngine]]:
     engine = GatedEngine(hold_at_step=-1)  # never holds unless a test says so
     engine.auto_release = True
-    running = Batcher(engine, max_batch_size=8)
-    consumer = asyncio.create_task(running.run())
-    yield running, engine
-    engine.auto_release = True
-    for call in engine.calls:
-        call.release.set()
-    running.stop()
-    await asyncio.wait_for(consumer, WAIT_S)
-    running.close()
+    async with running_batcher(engine, max_batch_size=8) as running:
+        yield running, engine
 
 
 async def events(stream: RequestStream) -> list[TextDelta | EngineOutput]:
@@ -71,77 +65,61 @@ async def test_engine_failure_is_raised_from_the_stream() -> None:
     engine = GatedEngine()
     engine.auto_release = True
     engine.fail_calls = {0}
-    running = Batcher(engine)
-    consumer = asyncio.create_task(running.run())
-    with pytest.raises(EngineFailed):
-        await asyncio.wait_for(events(running.submit(req("f", incremental=True))), WAIT_S)
-    running.stop()
-    await consumer
-    running.close()
+    async with running_batcher(engine) as running:
+        with pytest.raises(EngineFailed):
+            await asyncio.wait_for(events(running.submit(req("f", incremental=True))), WAIT_S)
 
 
 async def test_deadline_mid_stream_raises_after_the_deltas_so_far() -> None:
     engine = GatedEngine(hold_at_step=1)
-    running = Batcher(engine)
-    consumer = asyncio.create_task(running.run())
-    stream = running.submit(req("d", tokens=5, incremental=True, timeout_s=0.5))
-    seen: list[str] = []
-    with pytest.raises(DeadlineExceeded, match="running"):
-        async for event in stream:
-            assert isinstance(event, TextDelta)
-            seen.append(event.text)
-    assert seen == ["d0"]  # the first step's text arrived before the deadline
-    (call,) = engine.calls
-    call.release.set()
-    await asyncio.to_thread(call.finished.wait, WAIT_S)
-    assert call.steps_run == 2, "the expired sequence stopped at the engine's next step"
-    assert await running.wait_idle(WAIT_S)
-    running.stop()
-    await consumer
-    running.close()
+    async with running_batcher(engine) as running:
+        stream = running.submit(req("d", tokens=5, incremental=True, timeout_s=0.5))
+        seen: list[str] = []
+        with pytest.raises(DeadlineExceeded, match="running"):
+            async for event in stream:
+                assert isinstance(event, TextDelta)
+                seen.append(event.text)
+        assert seen == ["d0"]  # the first step's text arrived before the deadline
+        await assert_stopped_at_next_step(running, engine, "the expired sequence")
 
 
 async def test_closing_a_stream_stops_its_sequence() -> None:
     engine = GatedEngine(hold_at_step=1)  # parks after the first step's text went out
-    running = Batcher(engine)
-    consumer = asyncio.create_task(running.run())
-    stream = running.submit(req("c", tokens=10, incremental=True))
-    first = await asyncio.wait_for(stream.__anext__(), WAIT_S)
-    assert first == TextDelta("c0")
-    stream.close()  # the caller leaves (a client gone)
+    async with running_batcher(engine) as running:
+        stream = running.submit(req("c", tokens=10, incremental=True))
+        first = await asyncio.wait_for(stream.__anext__(), WAIT_S)
+        assert first == TextDelta("c0")
+        stream.close()  # the caller leaves (a client gone)
+        await assert_stopped_at_next_step(running, engine, "the abandoned sequence")
+        with pytest.raises(asyncio.CancelledError):
+            await stream.result()
+
+
+async def assert_stopped_at_next_step(running: Batcher, engine: GatedEngine, what: str) -> None:
+    """The only engine call, parked after its first step, is let go: the sequence the batcher
+    gave up on must stop at the engine's next step, and the batcher must go idle."""
     (call,) = engine.calls
     call.release.set()
     await asyncio.to_thread(call.finished.wait, WAIT_S)
-    assert call.steps_run == 2, "the abandoned sequence stopped at the engine's next step"
-    with pytest.raises(asyncio.CancelledError):
-        await stream.result()
+    assert call.steps_run == 2, f"{what} stopped at the engine's next step"
     assert await running.wait_idle(WAIT_S)
-    running.stop()
-    await consumer
-    running.close()
 
 
 async def test_a_batch_of_plain_equal_requests_is_handed_back_once() -> None:
     """The fast path: no per-token hand-off; the loop receives the whole batch in one call."""
     engine = GatedEngine(hold_at_step=0)
-    running = Batcher(engine, max_batch_size=8)
-    consumer = asyncio.create_task(running.run())
-    blocker = running.submit(req("b", tokens=1))
-    (call0,) = await asyncio.to_thread(engine.wait_for_calls, 1)
-    streams = [running.submit(req(f"r{i}")) for i in range(5)]
-    deliveries: list[int] = []
-    original = running._deliver
+    async with running_batcher(engine, max_batch_size=8) as running:
+        blocker = await occupy(running, engine, req("b", tokens=1))
+        streams = [running.submit(req(f"r{i}")) for i in range(5)]
+        deliveries: list[int] = []
+        original = running._deliver
 
-    def counting(events: list) -> None:  # type: ignore[type-arg]
-        deliveries.append(len(events))
-        original(events)
+        def counting(events: list) -> None:  # type: ignore[type-arg]
+            deliveries.append(len(events))
+            original(events)
 
-    running._deliver = counting  # type: ignore[method-assign]
-    engine.auto_release = True
-    call0.release.set()
-    outputs = await asyncio.wait_for(asyncio.gather(blocker.result(), *(s.result() for s in streams)), WAIT_S)
-    assert [o.generated_tokens for o in outputs] == [1, 3, 3, 3, 3, 3]
-    assert deliveries == [5]  # one hand-off for the whole batch, none per token
-    running.stop()
-    await consumer
-    running.close()
+        running._deliver = counting  # type: ignore[method-assign]
+        outputs = [await blocker.release()]
+        outputs += await asyncio.wait_for(asyncio.gather(*(s.result() for s in streams)), WAIT_S)
+        assert [o.generated_tokens for o in outputs] == [1, 3, 3, 3, 3, 3]
+        assert deliveries == [5]  # one hand-off for the whole batch, none per token
