@@ -15,7 +15,8 @@ import pytest
 
 from predictor.chat_template import DEFAULT_TEMPLATE, ChatTemplateError, load_chat_template
 from predictor.tokenizer import shared_tokenizer
-from tests.conftest import ROOT, FerryProcess, start_ferry
+from tests.conftest import ROOT, FerryProcess
+from tests.helpers import openai_client, serving, streamed
 
 TOKENIZER = shared_tokenizer()
 MESSAGES: list[dict[str, Any]] = [
@@ -25,13 +26,9 @@ MESSAGES: list[dict[str, Any]] = [
 RENDERED = "You are a helpful assistant.\n\nUser: What is your name, dog?\nAssistant:"
 
 
-def client_for(ferry: FerryProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{ferry.url}/openai/v1", api_key="unused", max_retries=0, timeout=60)
-
-
 @pytest.fixture(scope="module")
 def client(ferry: FerryProcess) -> openai.OpenAI:
-    return client_for(ferry)
+    return openai_client(ferry)
 
 
 # ---- the template ------------------------------------------------------------------------
@@ -108,15 +105,12 @@ def test_chat_plain_equals_the_completion_of_the_rendered_prompt(client: openai.
 
 def test_chat_streamed_text_equals_plain(client: openai.OpenAI, ferry: FerryProcess) -> None:
     plain = client.chat.completions.create(model=ferry.model_name, messages=MESSAGES, max_tokens=20, temperature=0)
-    chunks = list(
-        client.chat.completions.create(
-            model=ferry.model_name,
-            messages=MESSAGES,
-            max_completion_tokens=20,
-            temperature=0,
-            stream=True,
-            stream_options={"include_usage": True},
-        )
+    chunks = streamed(
+        client.chat.completions.create,
+        model=ferry.model_name,
+        messages=MESSAGES,
+        max_completion_tokens=20,
+        temperature=0,
     )
     assert all(c.object == "chat.completion.chunk" for c in chunks)
     assert len({c.id for c in chunks}) == 1
@@ -203,9 +197,8 @@ def test_unknown_model_is_404(client: openai.OpenAI) -> None:
 def test_a_custom_template_is_used_and_shown(tmp_path: Path) -> None:
     template = tmp_path / "chat.jinja"
     template.write_text("{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
-    server = start_ferry(tmp_path, chat_template=str(template))
-    try:
-        client = client_for(server)
+    with serving(tmp_path, chat_template=str(template)) as server:
+        client = openai_client(server)
         card = httpx.get(f"{server.url}/openai/v1/models", timeout=10).json()["data"][0]
         assert card["chat_template"]["source"] == str(template)
         chat = client.chat.completions.create(
@@ -215,6 +208,3 @@ def test_a_custom_template_is_used_and_shown(tmp_path: Path) -> None:
         plain = client.completions.create(model=server.model_name, prompt=prompt, max_tokens=6, temperature=0)
         assert chat.choices[0].message.content == plain.choices[0].text
         assert chat.usage is not None and chat.usage.prompt_tokens == TOKENIZER.count(prompt)
-    finally:
-        server.process.kill()
-        server.process.wait()

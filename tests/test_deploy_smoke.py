@@ -23,11 +23,11 @@ from typing import Any
 import grpc
 import httpx
 import pytest
-from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
 
 from deploy import chart
 from tests.conftest import REFERENCE_PROMPT, ROOT, ensure_tiny_model, free_port
+from tests.helpers import grpc_text_request
 
 
 def port_is_free(port: int) -> bool:
@@ -118,18 +118,7 @@ def test_rendered_pod_spec_serves_every_protocol(scenario: str, tmp_path: Path) 
 
         with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            request = pb.ModelInferRequest(
-                model_name=model,
-                inputs=[
-                    pb.ModelInferRequest.InferInputTensor(
-                        name="text",
-                        datatype="BYTES",
-                        shape=[1],
-                        contents=pb.InferTensorContents(bytes_contents=[REFERENCE_PROMPT.encode()]),
-                    )
-                ],
-                parameters={"max_new_tokens": pb.InferParameter(int64_param=2)},
-            )
+            request = grpc_text_request(model, max_new_tokens=2)
             outputs = {o.name: o for o in stub.ModelInfer(request, timeout=30).outputs}
             assert list(outputs["generated_tokens"].contents.int_contents) == [2]
 

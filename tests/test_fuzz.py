@@ -12,7 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import FerryProcess, start_ferry
+from tests.conftest import FerryProcess
+from tests.helpers import INSTANT_ENGINE, serving
 
 EXAMPLES = 300  # per route: 4 routes -> 1,200 requests
 
@@ -72,17 +73,8 @@ raw_bodies = st.binary(max_size=300) | st.sampled_from([b"", b"{", b'{"text": "\
 
 @pytest.fixture(scope="module")
 def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FerryProcess]:
-    server = start_ferry(
-        tmp_path_factory.mktemp("fuzz"),
-        engine="simulated",
-        sim_prefill_s=0,
-        sim_step_s=0,
-        sim_step_per_seq_s=0,
-        max_new_tokens_limit=64,
-    )
-    yield server
-    server.process.kill()
-    server.process.wait()
+    with serving(tmp_path_factory.mktemp("fuzz"), **INSTANT_ENGINE, max_new_tokens_limit=64) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

@@ -13,13 +13,14 @@ import pytest
 
 from predictor.tokenizer import shared_tokenizer
 from tests.conftest import REFERENCE_PROMPT, TINY_MODEL, FerryProcess
+from tests.helpers import openai_client
 
 TOKENIZER = shared_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def client(ferry: FerryProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{ferry.url}/openai/v1", api_key="unused", max_retries=0, timeout=60)
+    return openai_client(ferry)
 
 
 def test_completion_logprobs(client: openai.OpenAI, ferry: FerryProcess) -> None:

@@ -3,9 +3,7 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -15,53 +13,22 @@ import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from prometheus_client.parser import text_string_to_metric_families
 
-from predictor.batcher import Batcher, DeadlineExceeded, GenerationRequest, QueueFull
+from predictor.batcher import DeadlineExceeded, GenerationRequest, QueueFull
 from predictor.protocols.errors import OVERLOADED, ServingError
 from predictor.protocols.openai import Completion, CompletionStream, Envelope, error_status_and_body
 from predictor.text import TextAssembler
 from predictor.tokenizer import gpt2_vocabulary, shared_tokenizer
-from tests.conftest import REFERENCE_PROMPT, FerryProcess, start_ferry
+from tests.conftest import REFERENCE_PROMPT, FerryProcess, scrape, wait_for_metric
 from tests.fakes import WAIT_S, GatedEngine
+from tests.helpers import INSTANT_ENGINE, occupy, openai_client, running_batcher, serving, streamed
 
 TOKENIZER = shared_tokenizer()
 
 
-def client_for(ferry: FerryProcess) -> openai.OpenAI:
-    return openai.OpenAI(
-        base_url=f"{ferry.url}/openai/v1", api_key="unused", max_retries=0, timeout=60
-    )
-
-
 @pytest.fixture(scope="module")
 def client(ferry: FerryProcess) -> openai.OpenAI:
-    return client_for(ferry)
-
-
-def metrics_of(ferry: FerryProcess) -> dict[str, float]:
-    """/metrics as {'name{label="v",...}': value}, labels sorted."""
-    values: dict[str, float] = {}
-    text = httpx.get(f"{ferry.url}/metrics", timeout=10).text
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
-            values[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
-    return values
-
-
-def wait_metric(
-    ferry: FerryProcess, key: str, ok: Callable[[float], bool], timeout: float = 30
-) -> float:
-    """Polls another process's /metrics until ok(value): there is no event to await across it."""
-    deadline = time.monotonic() + timeout
-    value = float("nan")
-    while time.monotonic() < deadline:
-        value = metrics_of(ferry).get(key, float("nan"))
-        if ok(value):
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"{key} never satisfied the condition (last value {value})")
+    return openai_client(ferry)
 
 
 def streamed_texts(chunks: list[Any]) -> tuple[dict[int, str], dict[int, str | None]]:
@@ -130,19 +97,13 @@ def test_list_prompt_one_choice_per_prompt(client: openai.OpenAI, ferry: FerryPr
 
 
 def test_stream_equals_plain_and_records_ttft(client: openai.OpenAI, ferry: FerryProcess) -> None:
-    ttft_before = metrics_of(ferry)["ferry_time_to_first_token_seconds_count"]
+    ttft_before = scrape(ferry)["ferry_time_to_first_token_seconds_count"]
     plain = client.completions.create(
         model=ferry.model_name, prompt=REFERENCE_PROMPT, max_tokens=24, temperature=0
     )
-    stream = client.completions.create(
-        model=ferry.model_name,
-        prompt=REFERENCE_PROMPT,
-        max_tokens=24,
-        temperature=0,
-        stream=True,
-        stream_options={"include_usage": True},
+    chunks = streamed(
+        client.completions.create, model=ferry.model_name, prompt=REFERENCE_PROMPT, max_tokens=24, temperature=0
     )
-    chunks = list(stream)
     texts, finish = streamed_texts(chunks)
     assert texts[0] == plain.choices[0].text
     assert finish == {0: "length"}
@@ -154,7 +115,7 @@ def test_stream_equals_plain_and_records_ttft(client: openai.OpenAI, ferry: Ferr
     assert chunks[-1].usage == plain.usage
     assert all(c.usage is None for c in chunks[:-1])
     assert {c.id for c in chunks} == {chunks[0].id}
-    ttft_after = metrics_of(ferry)["ferry_time_to_first_token_seconds_count"]
+    ttft_after = scrape(ferry)["ferry_time_to_first_token_seconds_count"]
     assert ttft_after >= ttft_before + 1  # the streamed one (a plain answer has no first-token event)
 
 
@@ -326,15 +287,10 @@ def test_server_errors_in_openai_shape() -> None:
 @pytest.fixture(scope="module")
 def slow_ferry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FerryProcess]:
     """One engine slot, a queue of 3, and long generations allowed (2,000 tokens: ~1 s)."""
-    server = start_ferry(
-        tmp_path_factory.mktemp("openai"),
-        inter_threads=1,
-        max_queue_size=3,
-        max_new_tokens_limit=2048,
-    )
-    yield server
-    server.process.kill()
-    server.process.wait()
+    with serving(
+        tmp_path_factory.mktemp("openai"), inter_threads=1, max_queue_size=3, max_new_tokens_limit=2048
+    ) as server:
+        yield server
 
 
 LONG = 2000
@@ -344,23 +300,15 @@ LONG = 2000
 def steady_ferry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FerryProcess]:
     """A simulated engine at 5 ms per token: 2,000 tokens take 10 s, so a client that leaves
     after the first chunk leaves long before its sequence could finish on its own."""
-    server = start_ferry(
-        tmp_path_factory.mktemp("openai-steady"),
-        engine="simulated",
-        sim_prefill_s=0,
-        sim_step_s=0.005,
-        sim_step_per_seq_s=0,
-        max_new_tokens_limit=2048,
-    )
-    yield server
-    server.process.kill()
-    server.process.wait()
+    steady = {**INSTANT_ENGINE, "sim_step_s": 0.005}
+    with serving(tmp_path_factory.mktemp("openai-steady"), **steady, max_new_tokens_limit=2048) as server:
+        yield server
 
 
 def test_disconnect_mid_stream_stops_the_sequence(steady_ferry: FerryProcess) -> None:
     slow_ferry = steady_ferry
-    client = client_for(slow_ferry)
-    before = metrics_of(slow_ferry)
+    client = openai_client(slow_ferry)
+    before = scrape(slow_ferry)
     stream = client.completions.create(
         model=slow_ferry.model_name, prompt="Hello", max_tokens=LONG, temperature=0, stream=True
     )
@@ -369,12 +317,12 @@ def test_disconnect_mid_stream_stops_the_sequence(steady_ferry: FerryProcess) ->
     stream.close()  # the client goes away after one token
 
     batches = "ferry_batch_duration_seconds_count"
-    wait_metric(slow_ferry, batches, lambda v: v >= before[batches] + 1)
+    wait_for_metric(slow_ferry, batches, lambda v: v >= before[batches] + 1)
     outcome = 'ferry_requests_total{outcome="cancelled",protocol="openai"}'
     # The handler learns of the disconnect on its own schedule: wait for its record, not the batch's.
-    wait_metric(slow_ferry, outcome, lambda v: v >= before.get(outcome, 0) + 1)
-    wait_metric(slow_ferry, "ferry_requests_in_flight", lambda v: v == 0)
-    after = metrics_of(slow_ferry)
+    wait_for_metric(slow_ferry, outcome, lambda v: v >= before.get(outcome, 0) + 1)
+    wait_for_metric(slow_ferry, "ferry_requests_in_flight", lambda v: v == 0)
+    after = scrape(slow_ferry)
     generated = after["ferry_generated_tokens_total"] - before["ferry_generated_tokens_total"]
     assert 1 <= generated < LONG, f"{generated} tokens generated for a client that left after one"
     key = 'ferry_requests_cancelled_total{stage="running"}'
@@ -384,9 +332,9 @@ def test_disconnect_mid_stream_stops_the_sequence(steady_ferry: FerryProcess) ->
 
 
 def test_streamed_and_plain_share_a_batch_and_overload_is_503(slow_ferry: FerryProcess) -> None:
-    client = client_for(slow_ferry)
+    client = openai_client(slow_ferry)
     name = slow_ferry.model_name
-    before = metrics_of(slow_ferry)
+    before = scrape(slow_ferry)
     # A occupies the only engine slot.
     blocker = client.completions.create(
         model=name, prompt="Hello", max_tokens=LONG, temperature=0, stream=True
@@ -407,7 +355,7 @@ def test_streamed_and_plain_share_a_batch_and_overload_is_503(slow_ferry: FerryP
             )
             for _ in range(2)
         ]
-        wait_metric(slow_ferry, "ferry_queue_depth", lambda v: v == 3)
+        wait_for_metric(slow_ferry, "ferry_queue_depth", lambda v: v == 3)
 
         with pytest.raises(openai.InternalServerError) as caught:
             client.completions.create(
@@ -423,7 +371,7 @@ def test_streamed_and_plain_share_a_batch_and_overload_is_503(slow_ferry: FerryP
         answers = [p.result(timeout=60).choices[0].text for p in plains]
     assert answers == [texts[0], texts[0]]
     assert finish == {0: "length"}
-    after = metrics_of(slow_ferry)
+    after = scrape(slow_ferry)
 
     def exactly(size: int, metrics: dict[str, float]) -> float:
         upper = metrics[f'ferry_batch_size_bucket{{le="{float(size)}"}}']
@@ -495,9 +443,7 @@ def test_stop_inside_real_text(text: str, at: int, length: int) -> None:
 
 async def test_deadline_mid_stream_is_an_error_event_then_done() -> None:
     engine = GatedEngine(hold_at_step=1)  # one token, then the engine holds until released
-    batcher = Batcher(engine, max_batch_size=4, max_queue_size=4)
-    consumer = asyncio.create_task(batcher.run())
-    try:
+    async with running_batcher(engine, max_batch_size=4, max_queue_size=4) as batcher:
         request = GenerationRequest(["</s>", "hi"], max_new_tokens=8, timeout_s=2.0, incremental=True)
         response = CompletionStream(Completion(batcher, [request]), Envelope("fake"), False)
         chunks = [chunk async for chunk in response]
@@ -508,48 +454,32 @@ async def test_deadline_mid_stream_is_an_error_event_then_done() -> None:
         assert chunks[2:] == [b"data: [DONE]\n\n"]
         assert isinstance(response.error, DeadlineExceeded)
         assert await batcher.wait_idle(WAIT_S)  # the ticket was let go
-    finally:
-        engine.auto_release = True
-        for call in engine.calls:
-            call.release.set()
-        batcher.stop()
-        await asyncio.wait_for(consumer, WAIT_S)
-        batcher.close()
 
 
 async def test_refused_prompt_abandons_the_admitted_ones() -> None:
     engine = GatedEngine(hold_at_step=0)
-    batcher = Batcher(engine, max_batch_size=4, max_queue_size=1)
-    consumer = asyncio.create_task(batcher.run())
-    try:
-        busy = asyncio.create_task(batcher.generate(GenerationRequest(["</s>", "busy"], 2)))
+    async with running_batcher(engine, max_batch_size=4, max_queue_size=1) as batcher:
         # The only slot is held: further requests queue.
-        (call,) = await asyncio.to_thread(engine.wait_for_calls, 1)
+        busy = await occupy(batcher, engine, GenerationRequest(["</s>", "busy"], 2))
         requests = [GenerationRequest(["</s>", w], 2, incremental=True) for w in ("a", "b")]
         with pytest.raises(QueueFull):
             Completion(batcher, requests)  # "a" was admitted, "b" refused
         assert batcher.queue_depth == 0  # "a" left the queue: it will never be computed
-        call.release.set()
-        await busy
+        await busy.release(free_engine=False)
         assert await batcher.wait_idle(WAIT_S)
         assert [len(c.items) for c in engine.calls] == [1]
-    finally:
-        engine.auto_release = True
-        batcher.stop()
-        await asyncio.wait_for(consumer, WAIT_S)
-        batcher.close()
 
 
 def test_a_stream_read_to_done_counts_ok(client: openai.OpenAI, ferry: FerryProcess) -> None:
     ok = 'ferry_requests_total{outcome="ok",protocol="openai"}'
     cancelled = 'ferry_requests_total{outcome="cancelled",protocol="openai"}'
-    before = metrics_of(ferry)
+    before = scrape(ferry)
     chunks = list(
         client.completions.create(
             model=ferry.model_name, prompt=REFERENCE_PROMPT, max_tokens=5, temperature=0, stream=True
         )
     )
     assert chunks[-1].choices[0].finish_reason == "length"
-    wait_metric(ferry, ok, lambda v: v >= before[ok] + 1)
-    after = metrics_of(ferry)
+    wait_for_metric(ferry, ok, lambda v: v >= before[ok] + 1)
+    after = scrape(ferry)
     assert after[ok] == before[ok] + 1 and after[cancelled] == before[cancelled]

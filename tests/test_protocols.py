@@ -9,17 +9,10 @@ from kserve import InferInput, InferRequest
 
 from predictor.protocols import generate, v1, v2
 from predictor.protocols.errors import InvalidRequest
-from predictor.protocols.requests import Limits
 from tests.fakes import GatedEngine
+from tests.helpers import limits
 
-LIMITS = Limits(
-    default_max_new_tokens=16,
-    max_new_tokens=64,
-    max_prompt_tokens=8,
-    max_instances=4,
-    request_timeout_s=30,
-    max_request_timeout_s=60,
-)
+LIMITS = limits(max_prompt_tokens=8)
 ENGINE = GatedEngine()
 
 

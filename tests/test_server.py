@@ -9,11 +9,13 @@ import sys
 
 import grpc
 import httpx
+import pytest
 from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import REFERENCE_PROMPT, ROOT, FerryProcess
+from tests.helpers import grpc_text_request
 
 PROMPTS = [
     REFERENCE_PROMPT,
@@ -72,36 +74,14 @@ def test_v2_grpc_infer(ferry: FerryProcess) -> None:
     with grpc.insecure_channel(ferry.grpc_target) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         assert stub.ModelReady(pb.ModelReadyRequest(name=ferry.model_name), timeout=10).ready
-        request = pb.ModelInferRequest(
-            model_name=ferry.model_name,
-            inputs=[
-                pb.ModelInferRequest.InferInputTensor(
-                    name="text",
-                    datatype="BYTES",
-                    shape=[1],
-                    contents=pb.InferTensorContents(bytes_contents=[REFERENCE_PROMPT.encode()]),
-                )
-            ],
-            parameters={"max_new_tokens": pb.InferParameter(int64_param=5)},
-        )
-        response = stub.ModelInfer(request, timeout=30)
+        response = stub.ModelInfer(grpc_text_request(ferry.model_name, max_new_tokens=5), timeout=30)
         outputs = {o.name: o for o in response.outputs}
         assert len(outputs["generated_text"].contents.bytes_contents) == 1
         assert list(outputs["generated_tokens"].contents.int_contents) == [5]
-        bad = pb.ModelInferRequest(
-            model_name=ferry.model_name,
-            inputs=[
-                pb.ModelInferRequest.InferInputTensor(
-                    name="text", datatype="BYTES", shape=[1], contents=pb.InferTensorContents(bytes_contents=[b""])
-                )
-            ],
-        )
-        try:
-            stub.ModelInfer(bad, timeout=30)
-            raise AssertionError("empty prompt was accepted")
-        except grpc.RpcError as err:
-            assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
-            assert "inputs.text[0]" in (err.details() or "")
+        with pytest.raises(grpc.RpcError) as caught:  # an empty prompt is refused, naming it
+            stub.ModelInfer(grpc_text_request(ferry.model_name, b""), timeout=30)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "inputs.text[0]" in (caught.value.details() or "")
 
 
 def test_generate_route_takes_the_write_ups_body(ferry: FerryProcess) -> None:
