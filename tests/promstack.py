@@ -19,8 +19,6 @@ import math
 import os
 import re
 import shutil
-import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,7 +29,8 @@ from typing import Any
 import httpx
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from loadtest.harness import ROOT, Server, free_port, poll, start_process
+
 DASHBOARD = ROOT / "helm" / "ferry" / "dashboards" / "ferry.json"
 RULES = ROOT / "helm" / "ferry" / "rules" / "ferry-alerts.yaml"
 PROMTOOL_TESTS = ROOT / "tests" / "promtool" / "ferry-alerts.test.yaml"
@@ -138,11 +137,12 @@ def recorded_names(expr: str) -> list[str]:
 
 
 class Prometheus:
-    def __init__(self, url: str, process: subprocess.Popen[bytes], log_path: Path) -> None:
-        self.url = url
-        self.process = process
-        self.log_path = log_path
-        self.client = httpx.Client(base_url=url, timeout=10)
+    """A running Prometheus (a harness Server) and a client for its HTTP API."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.url = server.url
+        self.client = httpx.Client(base_url=server.url, timeout=10)
 
     def api(self, path: str, **params: str | float) -> Any:
         response = self.client.get(f"/api/v1/{path}", params=params)
@@ -167,36 +167,27 @@ class Prometheus:
 
     def wait_for(self, expr: str, timeout_s: float = 30.0) -> list[dict[str, Any]]:
         """Polls until the expression returns a series (Prometheus has no push to wait on)."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            result = self.query(expr)
-            if result:
-                return result
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"no data for {expr!r} within {timeout_s:g} s:\n{self.log()}")
-            time.sleep(SCRAPE_INTERVAL_S / 4)
+        found: list[dict[str, Any]] = []
+
+        def has_data() -> bool:
+            found[:] = self.query(expr)
+            return bool(found)
+
+        if not poll(has_data, timeout_s, SCRAPE_INTERVAL_S / 4):
+            raise TimeoutError(f"no data for {expr!r} within {timeout_s:g} s:\n{self.log()}")
+        return found
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
+        return self.server.log_tail(4000)
 
 
 class PromQLError(Exception):
     pass
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextmanager
-def run_prometheus(tmp_dir: Path, target: str, rule_files: list[Path]) -> Iterator[Prometheus]:
-    """Prometheus on 127.0.0.1, its data in tmp_dir, killed on exit (and by `timeout` anyway)."""
-    port = free_port()
-    config = {
+def prometheus_config(target: str, rule_files: list[Path]) -> dict[str, Any]:
+    """One scrape job for `target`, with the namespace and pod labels a cluster's scrape adds."""
+    return {
         "global": {
             "scrape_interval": f"{SCRAPE_INTERVAL_S}s",
             "scrape_timeout": f"{SCRAPE_INTERVAL_S}s",
@@ -212,49 +203,34 @@ def run_prometheus(tmp_dir: Path, target: str, rule_files: list[Path]) -> Iterat
             }
         ],
     }
+
+
+@contextmanager
+def run_prometheus(tmp_dir: Path, target: str, rule_files: list[Path]) -> Iterator[Prometheus]:
+    """Prometheus on 127.0.0.1, its data in tmp_dir, stopped on exit (and killed by `timeout`
+    anyway, in its own process group with it)."""
+    port = free_port()
     config_path = tmp_dir / "prometheus.yml"
-    config_path.write_text(yaml.safe_dump(config))
-    log_path = tmp_dir / "prometheus.log"
-    process = subprocess.Popen(
-        [
-            "timeout", "-s", "KILL", str(PROMETHEUS_LIFETIME_S),
-            "prometheus",
-            f"--config.file={config_path}",
-            f"--storage.tsdb.path={tmp_dir / 'tsdb'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-            "--storage.tsdb.retention.time=1h",
-            "--log.level=warn",
-        ],
-        stdout=log_path.open("wb"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+    config_path.write_text(yaml.safe_dump(prometheus_config(target, rule_files)))
+    command = [
+        "timeout", "-s", "KILL", str(PROMETHEUS_LIFETIME_S),
+        "prometheus",
+        f"--config.file={config_path}",
+        f"--storage.tsdb.path={tmp_dir / 'tsdb'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+        "--storage.tsdb.retention.time=1h",
+        "--log.level=warn",
+    ]  # fmt: skip
+    server = start_process(
+        "prometheus", command, port=port, ready_path="/-/ready", log_dir=tmp_dir, own_process_group=True
     )
-    prometheus = Prometheus(f"http://127.0.0.1:{port}", process, log_path)
+    prometheus = Prometheus(server)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(
-                    f"prometheus exited with {process.returncode}:\n{prometheus.log()}"
-                )
-            try:
-                if prometheus.client.get("/-/ready").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"prometheus did not become ready:\n{prometheus.log()}")
-            time.sleep(0.1)  # another process's readiness: nothing to wait on but polling
+        server.wait_ready(timeout_s=30)
         yield prometheus
     finally:
         prometheus.client.close()
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        server.stop(timeout_s=10)
 
 
 # ---- bounded load ---------------------------------------------------------------------------

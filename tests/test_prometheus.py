@@ -11,10 +11,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
+from loadtest.harness import metric_total
 from tests.conftest import FerryProcess, start_ferry
 from tests.promstack import (
     FERRY_SETTINGS,
@@ -48,13 +47,7 @@ class Stack:
 
 
 def _ferry_total(ferry: FerryProcess) -> float:
-    text = httpx.get(f"{ferry.url}/metrics").text
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        if family.name == "ferry_requests"
-        for sample in family.samples
-    )
+    return metric_total(ferry.metrics(), "ferry_requests_total")
 
 
 @pytest.fixture(scope="module")
