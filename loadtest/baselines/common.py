@@ -1,15 +1,16 @@
-"""What both baselines share: flags, the engine (predictor's own classes, so the computation is
-identical to ferry's), the /generate body, and a /stats route for the benchmark."""
+"""What the baselines share: the entry point and flags, the engine (predictor's own classes, so the
+computation is identical to ferry's), the /generate route and body, and a /stats route for the
+benchmark."""
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException, Request
 
 from predictor.engine import (
     GREEDY,
@@ -26,10 +27,17 @@ MODEL_NAME = "opt-125m"
 MAX_NEW_TOKENS_LIMIT = 256
 
 
-def parser(description: str) -> argparse.ArgumentParser:
+def loopback_parser(description: str, default_port: int) -> argparse.ArgumentParser:
+    """--host (127.0.0.1) and --port: every baseline is a loopback server."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8090)
+    p.add_argument("--port", type=int, default=default_port)
+    return p
+
+
+def parser(description: str, default_port: int = 8090) -> argparse.ArgumentParser:
+    """The engine baselines' flags: the same engine settings as ferry's."""
+    p = loopback_parser(description, default_port)
     p.add_argument("--model-dir", type=Path, default=Path("models/opt-125m"))
     p.add_argument("--engine", choices=["ctranslate2", "simulated"], default="ctranslate2")
     p.add_argument("--compute-type", default="auto")
@@ -85,7 +93,16 @@ class Stats:
             self.sizes.append(n)
 
 
-def add_common_routes(app: FastAPI, stats: Stats) -> None:
+Compute = Callable[[EngineItem], Awaitable[EngineOutput]]
+
+
+def add_routes(app: FastAPI, engine: Engine, stats: Stats, compute: Compute) -> None:
+    """POST /generate (the write-up's body, answered by `compute`), /health and /stats."""
+
+    @app.post("/generate")
+    async def generate(request: Request) -> dict[str, Any]:
+        return answer(await compute(parse_generate(engine, await request.json())))
+
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
@@ -95,7 +112,10 @@ def add_common_routes(app: FastAPI, stats: Stats) -> None:
         return {"batches": stats.batches, "requests": stats.requests}
 
 
-def serve(app: FastAPI, args: argparse.Namespace) -> None:
+def main(description: str, create_app: Callable[[Engine], FastAPI], default_port: int) -> None:
+    """A baseline's entry point: flags, engine, app, uvicorn on the loopback address."""
     import uvicorn
 
+    args = parser(description, default_port).parse_args()
+    app = create_app(build_engine(args))
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)

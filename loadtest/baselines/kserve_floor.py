@@ -7,7 +7,6 @@ KServe itself allows; a server on KServe is measured against it.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 from typing import Any
@@ -15,6 +14,8 @@ from typing import Any
 import kserve
 from kserve.model_server import app as kserve_app
 from kserve.protocol.rest.server import RESTServer
+
+from loadtest.baselines.common import loopback_parser
 
 
 class InstantModel(kserve.Model):
@@ -63,9 +64,7 @@ def _uvloop_factory() -> Any:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8095)
+    parser = loopback_parser(__doc__ or "", default_port=8095)
     parser.add_argument("--model-name", default="opt-125m")
     args = parser.parse_args()
     for name in ("uvicorn.access", "kserve.trace"):

@@ -7,40 +7,24 @@ loop. While the engine works nothing else runs, so requests are served strictly 
 
 from __future__ import annotations
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 
-from loadtest.baselines.common import (
-    Stats,
-    add_common_routes,
-    answer,
-    build_engine,
-    parse_generate,
-    parser,
-    run_batch,
-    serve,
-)
-from predictor.engine import Engine
+from loadtest.baselines import common
+from predictor.engine import Engine, EngineItem, EngineOutput
 
 
 def create_app(engine: Engine) -> FastAPI:
     app = FastAPI(title="naive baseline")
-    stats = Stats()
-    add_common_routes(app, stats)
+    stats = common.Stats()
 
-    @app.post("/generate")
-    async def generate(request: Request) -> dict[str, object]:
-        item = parse_generate(engine, await request.json())
-        (output,) = run_batch(engine, [item])  # blocks the event loop: the naive design
+    async def compute(item: EngineItem) -> EngineOutput:
+        (output,) = common.run_batch(engine, [item])  # blocks the event loop: the naive design
         stats.record(1)
-        return answer(output)
+        return output
 
+    common.add_routes(app, engine, stats, compute)
     return app
 
 
-def main() -> None:
-    args = parser(__doc__ or "").parse_args()
-    serve(create_app(build_engine(args)), args)
-
-
 if __name__ == "__main__":
-    main()
+    common.main(__doc__ or "", create_app, default_port=8090)

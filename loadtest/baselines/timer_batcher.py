@@ -16,18 +16,9 @@ import contextlib
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 
-from loadtest.baselines.common import (
-    Stats,
-    add_common_routes,
-    answer,
-    build_engine,
-    parse_generate,
-    parser,
-    run_batch,
-    serve,
-)
+from loadtest.baselines.common import Stats, add_routes, main, run_batch
 from predictor.engine import Engine, EngineItem, EngineOutput
 
 MAX_BATCH_SIZE = 50
@@ -110,20 +101,9 @@ def create_app(engine: Engine) -> FastAPI:
             batcher.pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="timer batcher baseline", lifespan=lifespan)
-    add_common_routes(app, stats)
-
-    @app.post("/generate")
-    async def generate(request: Request) -> dict[str, object]:
-        item = parse_generate(engine, await request.json())
-        return answer(await batcher.submit(item))
-
+    add_routes(app, engine, stats, batcher.submit)
     return app
 
 
-def main() -> None:
-    args = parser(__doc__ or "").parse_args()
-    serve(create_app(build_engine(args)), args)
-
-
 if __name__ == "__main__":
-    main()
+    main(__doc__ or "", create_app, default_port=8091)
