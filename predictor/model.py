@@ -30,6 +30,7 @@ def build_engine(settings: Settings) -> Engine:
             name=settings.model_name,
             latency=LatencyModel(settings.sim_prefill_s, settings.sim_step_s, settings.sim_step_per_seq_s),
             concurrency=settings.sim_concurrency,
+            background_concurrency=settings.sim_background_slots,
             fail_every=settings.sim_fail_every,
             eos_after=settings.sim_eos_after,
         )
@@ -41,6 +42,7 @@ def build_engine(settings: Settings) -> Engine:
         compute_type=settings.compute_type,
         inter_threads=None if settings.inter_threads == "auto" else settings.inter_threads,
         intra_threads=None if settings.intra_threads == "auto" else settings.intra_threads,
+        background=None if settings.background_tokens > 0 else False,
     )
 
 
@@ -105,6 +107,12 @@ class FerryModel(kserve.Model):
             info.threads_per_slot or "auto",
             f", a batch alone gets {info.lone_batch_threads} threads" if info.lone_batch_threads else "",
         )
+        if info.background_slots:
+            log.info(
+                "background lane: %d idle-priority slot(s) for requests over %d new tokens",
+                info.background_slots,
+                self.settings.background_tokens,
+            )
         metrics.MODEL_INFO.info(
             {
                 "name": info.name,
@@ -114,6 +122,7 @@ class FerryModel(kserve.Model):
                 "slots": str(info.slots),
                 "threads_per_slot": str(info.threads_per_slot),
                 "lone_batch_threads": str(info.lone_batch_threads),
+                "background_slots": str(info.background_slots),
             }
         )
         self._inference_engine = engine
@@ -124,6 +133,7 @@ class FerryModel(kserve.Model):
             max_batch_wait_s=self.settings.max_batch_wait_s,
             slots=self.settings.slots,
             chunk_tokens=self.settings.chunk_tokens,
+            background_tokens=self.settings.background_tokens,
         )
         self.ready = True
         return self.ready
@@ -230,6 +240,7 @@ class FerryModel(kserve.Model):
             "slots": info.slots,
             "threads_per_slot": info.threads_per_slot,
             "lone_batch_threads": info.lone_batch_threads,
+            "background_slots": info.background_slots,
             "max_batch_size": self.settings.max_batch_size,
             "max_new_tokens_limit": self.settings.max_new_tokens_limit,
             "max_prompt_tokens": self.settings.max_prompt_tokens,

@@ -80,6 +80,14 @@ class Settings(BaseSettings):
         description="an engine call runs at most this many steps; longer requests continue in the queue "
         "(re-reading what they generated) instead of holding a slot; 0 = off (measured not to pay on CPU)",
     )
+    background_tokens: int = Field(
+        32,
+        ge=0,
+        le=2048,
+        description="requests asking more new tokens than this, with no stream and no stop strings, run in the "
+        "background lane: on CPU, generators at idle priority that give the cores to shorter work at once; "
+        "0 = no background lane (on GPU there is none)",
+    )
 
     # --- request limits ---------------------------------------------------------------
     default_max_new_tokens: int = Field(16, ge=1, description="when a request names none")
@@ -136,6 +144,9 @@ class Settings(BaseSettings):
     sim_step_s: float = Field(0.0015, ge=0, description="simulated cost per decoding step")
     sim_step_per_seq_s: float = Field(0.00001, ge=0, description="simulated cost per step per sequence")
     sim_concurrency: int = Field(1, ge=1, le=64, description="simulated batches that can run at once")
+    sim_background_slots: int = Field(
+        0, ge=0, le=64, description="simulated background-lane slots (its calls only share the API)"
+    )
     sim_fail_every: int = Field(0, ge=0, description="fault injection: every Nth simulated batch raises; 0 = never")
     sim_eos_after: int = Field(
         0, ge=0, description="simulated end token: the Nth generated token is EOS unless ignore_eos; 0 = never"

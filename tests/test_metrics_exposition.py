@@ -139,7 +139,7 @@ def test_values_after_a_few_requests(exposition: str) -> None:
     assert [s.value for s in info.samples] == [1.0]
     assert info.samples[0].labels == {
         "name": "opt-125m", "kind": "simulated", "device": "simulated", "compute_type": "none",
-        "slots": "1", "threads_per_slot": "0", "lone_batch_threads": "0",
+        "slots": "1", "threads_per_slot": "0", "lone_batch_threads": "0", "background_slots": "0",
     }
 
 

@@ -94,6 +94,7 @@ class ModelInfo:
     slots: int = 1
     threads_per_slot: int = 0  # 0: the engine decides (GPU)
     lone_batch_threads: int = 0  # threads a batch gets when it runs alone (0: same as per slot)
+    background_slots: int = 0  # slots of the idle-priority lane for long generations (0: none)
 
     @property
     def real_weights(self) -> bool:
@@ -141,7 +142,8 @@ class Collect:
 
 
 class Engine(Protocol):
-    concurrency: int
+    concurrency: int  # calls at once
+    background_concurrency: int  # calls at once in the background lane (0: it has none)
     info: ModelInfo
 
     def tokenize(self, text: str) -> list[str]: ...
@@ -152,9 +154,12 @@ class Engine(Protocol):
         sampling: Sampling,
         listener: GenerationListener,
         alone: bool = False,
+        background: bool = False,
     ) -> None:
         """Blocking. Calls listener.on_done exactly once per item, or raises. `alone`: no other
-        call runs now, so this one may use every thread the engine has."""
+        call of its lane runs now, so this one may use every thread the lane has. `background`:
+        the call runs in the idle-priority lane, without per-step callbacks (no per-token
+        items; shorter sequences are answered when the call ends)."""
         ...
 
     def close(self) -> None: ...

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from predictor.build_model import read_manifest
 from predictor.engine.api import EngineItem, GenerationListener, ModelInfo, Sampling, TokenLogprob
-from predictor.engine.threads import ThreadPlan, cpu_cores, resolve_compute_type, resolve_device
+from predictor.engine.threads import ThreadPlan, at_idle_priority, cpu_cores, resolve_compute_type, resolve_device
 from predictor.engine.tracker import Renumbered, SequenceTracker
 from predictor.tokenizer import EOS, shared_tokenizer
 
@@ -60,13 +61,14 @@ class CTranslate2Engine:
         compute_type: str = "auto",
         inter_threads: int | None = None,
         intra_threads: int | None = None,
+        background: bool | None = None,
     ) -> None:
         import ctranslate2
 
         manifest = read_manifest(model_dir)
         device = resolve_device(device)
         compute_type = resolve_compute_type(compute_type, device)
-        self.plan = ThreadPlan.choose(device, inter_threads, intra_threads, cpu_cores())
+        self.plan = ThreadPlan.choose(device, inter_threads, intra_threads, cpu_cores(), background)
 
         def generator(inter: int, intra: int) -> Any:
             return ctranslate2.Generator(
@@ -78,20 +80,27 @@ class CTranslate2Engine:
                 intra_threads=intra,
             )
 
-        self._generator = generator(self.plan.slots, self.plan.threads_per_slot)
-        # About 130 MB more for OPT-125m int8; measured not to slow the other when used in turn.
-        self._lone = generator(1, self.plan.lone_threads) if self.plan.lone_threads else None
+        def generators() -> _Generators:
+            # The lone generator: about 130 MB more for OPT-125m int8 (inter_threads replicas
+            # share the weights; a second Generator does not); measured not to slow the other.
+            lone = generator(1, self.plan.lone_threads) if self.plan.lone_threads else None
+            return _Generators(generator(self.plan.slots, self.plan.threads_per_slot), lone)
+
+        self._interactive = generators()
+        self._background = at_idle_priority(generators) if self.plan.background else None
         self.concurrency = self.plan.slots
+        self.background_concurrency = self.plan.slots if self.plan.background else 0
         self.tokenizer = shared_tokenizer()
         self.info = ModelInfo(
             name=name,
             kind=str(manifest.get("kind", "converted")),
             device=device,
-            compute_type=self._generator.compute_type,
+            compute_type=self._interactive.shared.compute_type,
             source=str(manifest.get("source", "")),
             slots=self.plan.slots,
             threads_per_slot=self.plan.threads_per_slot,
             lone_batch_threads=self.plan.lone_threads,
+            background_slots=self.background_concurrency,
         )
         self.max_positions = 2048
         self.model_dir = model_dir
@@ -123,7 +132,7 @@ class CTranslate2Engine:
         for batch in _by_token_budget([list(sequence) for sequence in sequences], LOGPROB_TOKEN_BUDGET):
             # [batch, longest, vocabulary] float32: about 200 kB per position for OPT's vocabulary,
             # so a call holds at most LOGPROB_TOKEN_BUDGET positions.
-            log_probs = np.asarray(self._generator.forward_batch(batch, return_log_probs=True))
+            log_probs = np.asarray(self._interactive.shared.forward_batch(batch, return_log_probs=True))
             results.extend(self._scored(batch, log_probs, vocabulary, ids, top))
         return results
 
@@ -165,11 +174,13 @@ class CTranslate2Engine:
         sampling: Sampling,
         listener: GenerationListener,
         alone: bool = False,
+        background: bool = False,
     ) -> None:
         groups = _eos_groups(items)
         if groups is not None:
             for indices in groups:
-                self.generate([items[i] for i in indices], sampling, Renumbered(listener, indices), alone)
+                part = [items[i] for i in indices]
+                self.generate(part, sampling, Renumbered(listener, indices), alone, background)
             return
         tracker = SequenceTracker(items, listener, self.tokenizer.decode, self.end_token)
         longest = max(item.max_new_tokens for item in items)
@@ -188,8 +199,11 @@ class CTranslate2Engine:
         # The per-step callback is what answers short requests early, streams text and stops
         # abandoned sequences; each call takes the GIL from the engine thread, which waits behind
         # a busy event loop. A batch of equal lengths with no per-token item runs without it.
-        per_step = any(item.per_token or item.max_new_tokens != longest for item in items)
-        generator = self._lone if alone and self._lone is not None else self._generator
+        # A background call never takes it: an idle-priority thread holding the GIL while the
+        # interactive threads keep both cores would stall the event loop (priority inversion).
+        per_step = not background and any(item.per_token or item.max_new_tokens != longest for item in items)
+        lane = self._background if background and self._background is not None else self._interactive
+        generator = lane.lone if alone and lane.lone is not None else lane.shared
         # ignore_eos: min_length = max_length, exactly the requested count (EOS cannot end it);
         # otherwise CTranslate2 ends each sequence at the end token, returned so it is counted.
         # Shorter sequences are stopped through the callback when their own count is reached.
@@ -211,6 +225,19 @@ class CTranslate2Engine:
         tracker.finish_all()
 
     def close(self) -> None:
-        self._generator.unload_model()
-        if self._lone is not None:
-            self._lone.unload_model()
+        for lane in (self._interactive, self._background):
+            if lane is not None:
+                lane.close()
+
+
+@dataclass(frozen=True)
+class _Generators:
+    """One lane's generators: `shared` runs the slots' calls, `lone` a call that runs alone."""
+
+    shared: Any
+    lone: Any | None
+
+    def close(self) -> None:
+        self.shared.unload_model()
+        if self.lone is not None:
+            self.lone.unload_model()

@@ -38,11 +38,15 @@ class SimulatedEngine:
         name: str,
         latency: LatencyModel | None = None,
         concurrency: int = 1,
+        background_concurrency: int = 0,
         fail_every: int = 0,
         eos_after: int = 0,
     ) -> None:
         self.latency = latency or LatencyModel()
         self.concurrency = concurrency
+        # A background lane with its own slots; here it only shares the API (no CPU priority to
+        # give way with: the simulated device sleeps).
+        self.background_concurrency = background_concurrency
         self.fail_every = fail_every  # fault injection for reliability tests: every Nth batch raises
         # A sequence that does not ignore EOS emits the end token as its eos_after-th generated
         # token (0: never, like random weights), so EOS handling is testable without weights.
@@ -54,6 +58,7 @@ class SimulatedEngine:
             name=name, kind="simulated", device="simulated", compute_type="none", slots=concurrency
         )
         self._slots = threading.Semaphore(concurrency)  # like CUDA streams: extra calls wait
+        self._background_slots = threading.Semaphore(max(background_concurrency, 1))
 
     def tokenize(self, text: str) -> list[str]:
         return self.tokenizer.encode(text)
@@ -84,15 +89,16 @@ class SimulatedEngine:
         sampling: Sampling,
         listener: GenerationListener,
         alone: bool = False,
+        background: bool = False,
     ) -> None:
         tracker = SequenceTracker(items, listener, self.tokenizer.decode)
         call = next(self._calls)
         _precise_sleeps()
         words = [self.words_of(item.prompt_tokens) for item in items]
         longest = max(item.max_new_tokens for item in items)
-        # Like CTranslate2Engine: per-step work only when an item needs it.
-        per_step = any(item.per_token or item.max_new_tokens != longest for item in items)
-        with self._slots:
+        # Like CTranslate2Engine: per-step work only when an item needs it, never in the background.
+        per_step = not background and any(item.per_token or item.max_new_tokens != longest for item in items)
+        with self._background_slots if background else self._slots:
             deadline = time.monotonic() + self.latency.prefill_s
             if self.fail_every and call % self.fail_every == 0:
                 _sleep_until(deadline)

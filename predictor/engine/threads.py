@@ -3,10 +3,17 @@ and how CTranslate2's threads are laid out over them."""
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+log = logging.getLogger("ferry.engine")
 
 
 def resolve_device(device: str) -> str:
@@ -57,19 +64,56 @@ class ThreadPlan:
     slots: int
     threads_per_slot: int
     lone_threads: int = 0
+    # A second set of the same generators whose threads run at idle CPU priority, for long
+    # generations: they use every cycle the interactive generators leave, and yield the cores
+    # to them at once, so a long batch never holds a short one hostage (see `background_lane`).
+    background: bool = False
 
     @classmethod
-    def choose(cls, device: str, inter: int | None, intra: int | None, cores: int) -> ThreadPlan:
+    def choose(
+        cls, device: str, inter: int | None, intra: int | None, cores: int, background: bool | None = None
+    ) -> ThreadPlan:
         """`None` is `auto`. On CPU: two slots that split the cores (measured on 2 cores, 40 in
         flight: 2 calls of 20 with 1 thread each beat 1 call of 40 with 2 threads in every run),
         plus an all-core generator for a batch that runs alone (batch 1 is fastest with every
         core). On GPU: one slot (one stream); the CPU threads only feed it."""
-        if device == "cuda":
-            return cls(inter or 1, intra or 1)
+        if device == "cuda":  # CPU priority does not order GPU kernels: no background lane
+            return cls(inter or 1, intra or 1, background=bool(background))
+        background = idle_priority_supported() if background is None else background
         if inter is None:
             inter = 2 if cores >= 2 else 1
         if intra is None:
             intra = max(1, cores // inter)
             lone = cores if inter > 1 and cores > intra else 0
-            return cls(inter, intra, lone)
-        return cls(inter, intra)
+            return cls(inter, intra, lone, background)
+        return cls(inter, intra, background=background)
+
+
+def idle_priority_supported() -> bool:
+    return hasattr(os, "sched_setscheduler") and hasattr(os, "SCHED_IDLE")
+
+
+def at_idle_priority(build: Callable[[], T]) -> T:
+    """Runs `build` in a new thread switched to SCHED_IDLE (Linux; no privilege needed) and
+    returns its result. Threads it creates inherit the policy: CTranslate2 starts a generator's
+    worker threads in its constructor, and those start their OpenMP team (libgomp) themselves.
+    The switch is one way: an unprivileged thread cannot leave SCHED_IDLE."""
+    box: dict[str, T] = {}
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
+        except (OSError, AttributeError) as exc:  # not Linux, or a seccomp filter refuses it
+            log.warning("background generators run at normal priority: %s", exc)
+        try:
+            box["value"] = build()
+        except BaseException as exc:  # re-raised in the caller's thread
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, name="ferry-idle-builder")
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+    return box["value"]
