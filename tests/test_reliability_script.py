@@ -6,15 +6,18 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from loadtest import reliability
-from loadtest.reliability import Options, ScenarioResult
+from loadtest.reliability.options import Options
+from loadtest.reliability.report import markdown, table
+from loadtest.reliability.results import Criterion, ScenarioResult
+from loadtest.reliability.runner import run_scenario
+from loadtest.reliability.servers import stop_all
 
 
 def run(name: str, opts: Options, log_dir: Path) -> ScenarioResult:
     try:
-        result = asyncio.run(reliability.run_scenario(name, opts, log_dir))
+        result = asyncio.run(run_scenario(name, opts, log_dir))
     finally:
-        reliability.stop_all()
+        stop_all()
     failed = [c for c in result.criteria if not c.ok]
     assert result.error is None, result.error
     assert result.criteria and not failed, "\n".join(f"{c.name}: {c.detail}" for c in failed)
@@ -38,9 +41,9 @@ def test_disconnect_scenario_passes_in_short_mode(tmp_path: Path) -> None:
 
 def test_markdown_and_table_show_every_criterion() -> None:
     results = [
-        ScenarioResult("faults", figures={"x": 1.5}, criteria=[reliability.Criterion("c1", True, "fine")]),
+        ScenarioResult("faults", figures={"x": 1.5}, criteria=[Criterion("c1", True, "fine")]),
         ScenarioResult("drain", error="RuntimeError: boom"),
     ]
-    md = reliability.markdown(results, {"started": "now", "machine": "m", "command": "c", "mode": "quick"})
+    md = markdown(results, {"started": "now", "machine": "m", "command": "c", "mode": "quick"})
     assert "| faults | c1 | PASS | fine |" in md and "**ERROR**" in md and "**Overall: FAIL**" in md
-    assert "FAIL" not in reliability.table(results[:1]) and "ERROR" in reliability.table(results)
+    assert "FAIL" not in table(results[:1]) and "ERROR" in table(results)
