@@ -25,7 +25,8 @@ import pytest
 from predictor.build_model import EOS_ID, favour_eos_from, opt_vocabulary
 from predictor.engine import GREEDY, Collect, CTranslate2Engine, EngineItem
 from predictor.tokenizer import EOS, _data_dir, shared_tokenizer
-from tests.conftest import REFERENCE_PROMPT, ROOT, FerryProcess, start_ferry
+from tests.conftest import REFERENCE_PROMPT, ROOT, FerryProcess
+from tests.helpers import serving
 from tests.promstack import in_ci
 
 try:
@@ -177,12 +178,10 @@ def test_engine_tokens_equal_transformers_batched_and_alone(
 
 @pytest.fixture(scope="module")
 def served(variants: dict[str, Variant], tmp_path_factory: pytest.TempPathFactory) -> Iterator[FerryProcess]:
-    server = start_ferry(
+    with serving(
         tmp_path_factory.mktemp("served"), model_dir=variants["eos"].converted, compute_type="float32"
-    )
-    yield server
-    server.process.kill()
-    server.process.wait()
+    ) as server:
+        yield server
 
 
 def test_served_answers_equal_transformers(variants: dict[str, Variant], served: FerryProcess) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from jsonschema import Draft7Validator
@@ -24,6 +25,10 @@ ISVC = {
         }
     },
 }
+
+
+def manifest(api_version: str, kind: str, spec: dict[str, Any], name: str = "ferry") -> dict[str, Any]:
+    return {"apiVersion": api_version, "kind": kind, "metadata": {"name": name}, "spec": spec}
 
 
 def test_the_project_carries_the_schemas_it_needs_and_none_over_2_mib() -> None:
@@ -71,61 +76,47 @@ def test_a_typo_in_an_inferenceservice_fails(
     doc = json.loads(json.dumps(ISVC))
     node = doc
     for key in where:
-        node = node[key]  # type: ignore[index]
-    node[typo] = 1  # type: ignore[index]
+        node = node[key]
+    node[typo] = 1
     problems = kv.validate_document(doc)
     assert problems and message in problems[0]
 
 
 def test_a_typo_in_a_servicemonitor_fails() -> None:
-    doc = {
-        "apiVersion": "monitoring.coreos.com/v1",
-        "kind": "ServiceMonitor",
-        "metadata": {"name": "ferry"},
-        "spec": {
-            "selector": {"matchLabels": {"app": "ferry"}},
-            "endpoints": [{"port": "http", "intervall": "15s"}],
-        },
-    }
+    doc = manifest(
+        "monitoring.coreos.com/v1",
+        "ServiceMonitor",
+        {"selector": {"matchLabels": {"app": "ferry"}}, "endpoints": [{"port": "http", "intervall": "15s"}]},
+    )
     assert kv.validate_document(doc) == [
         'spec.endpoints[0].intervall: unknown field "intervall" (did you mean "interval"?)'
     ]
-    del doc["spec"]["endpoints"][0]["intervall"]  # type: ignore[index, attr-defined]
+    del doc["spec"]["endpoints"][0]["intervall"]
     assert kv.validate_document(doc) == []
 
 
 @pytest.mark.parametrize("kind", ["ClusterServingRuntime", "ServingRuntime"])
 def test_a_typo_in_a_serving_runtime_fails(kind: str) -> None:
-    doc = {
-        "apiVersion": "serving.kserve.io/v1alpha1",
-        "kind": kind,
-        "metadata": {"name": "ferry"},
-        "spec": {
+    doc = manifest(
+        "serving.kserve.io/v1alpha1",
+        kind,
+        {
             "supportedModelFormats": [{"name": "ctranslate2", "autoSelect": True}],
             "containers": [{"name": "kserve-container", "image": "ferry:0.1.0"}],
         },
-    }
+    )
     assert kv.validate_document(doc) == []
-    doc["spec"]["supportedModelFormats"][0]["autoselect"] = True  # type: ignore[index]
+    doc["spec"]["supportedModelFormats"][0]["autoselect"] = True
     assert kv.validate_document(doc) == [
         'spec.supportedModelFormats[0].autoselect: unknown field "autoselect" (did you mean "autoSelect"?)'
     ]
 
 
 def test_a_typo_in_a_builtin_kind_fails_under_kubernetes_validate_strict() -> None:
-    job = {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {"name": "x"},
-        "spec": {
-            "backoffLimit": 0,
-            "template": {
-                "spec": {"restartPolicy": "Never", "containers": [{"name": "a", "image": "b"}]}
-            },
-        },
-    }
+    pod = {"restartPolicy": "Never", "containers": [{"name": "a", "image": "b"}]}
+    job = manifest("batch/v1", "Job", {"backoffLimit": 0, "template": {"spec": pod}}, name="x")
     assert kv.validate_document(job) == []
-    job["spec"]["backofLimit"] = 0  # type: ignore[index]
+    job["spec"]["backofLimit"] = 0
     problems = kv.validate_document(job)
     assert problems and "backofLimit" in problems[0]
 

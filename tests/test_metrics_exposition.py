@@ -13,6 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from predictor import metrics
+from tests.helpers import serving
 from tests.promstack import FERRY_SETTINGS, in_ci, missing_binaries
 
 # family name (as the parser reports it, _total stripped) -> type
@@ -61,10 +62,7 @@ PER_REQUEST = (
 
 @pytest.fixture(scope="module")
 def exposition(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    from tests.conftest import start_ferry
-
-    ferry = start_ferry(tmp_path_factory.mktemp("metrics"), **FERRY_SETTINGS)
-    try:
+    with serving(tmp_path_factory.mktemp("metrics"), **FERRY_SETTINGS) as ferry:
         for _ in range(3):
             body = {"text": "hello there", "max_new_tokens": 4}
             r = httpx.post(f"{ferry.url}/generate", json=body)
@@ -72,9 +70,6 @@ def exposition(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         r = httpx.post(f"{ferry.url}/v1/models/opt-125m:predict", json={"instances": ["hi"]})
         assert r.status_code == 200
         yield httpx.get(f"{ferry.url}/metrics").text
-    finally:
-        ferry.process.kill()
-        ferry.process.wait()
 
 
 def _families(text: str) -> dict[str, Any]:

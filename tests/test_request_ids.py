@@ -19,7 +19,8 @@ from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
 
 from predictor import request_context
-from tests.conftest import REFERENCE_PROMPT, FerryProcess, start_ferry
+from tests.conftest import REFERENCE_PROMPT, FerryProcess
+from tests.helpers import grpc_text_request, serving
 
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 GENERATED = re.compile(r"[0-9a-f]{32}")
@@ -27,10 +28,8 @@ GENERATED = re.compile(r"[0-9a-f]{32}")
 
 @pytest.fixture(scope="module")
 def json_ferry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FerryProcess]:
-    server = start_ferry(tmp_path_factory.mktemp("ids"), log_format="json", access_log="true")
-    yield server
-    server.process.kill()
-    server.process.wait()
+    with serving(tmp_path_factory.mktemp("ids"), log_format="json", access_log="true") as server:
+        yield server
 
 
 def calls(ferry: FerryProcess) -> dict[str, tuple[str, str, dict[str, object] | None]]:
@@ -156,8 +155,7 @@ def test_text_log_lines_end_with_the_request_fields() -> None:
 
 
 def test_text_logs_of_a_server_carry_the_id(tmp_path: Path) -> None:
-    server = start_ferry(tmp_path, access_log="true")
-    try:
+    with serving(tmp_path, access_log="true") as server:
         request_id = f"text-log-{time.monotonic_ns()}"
         answer = httpx.post(
             f"{server.url}/generate",
@@ -170,27 +168,16 @@ def test_text_logs_of_a_server_carry_the_id(tmp_path: Path) -> None:
         while f"[request_id={request_id} traceparent={TRACEPARENT}]" not in server.log():
             assert time.monotonic() < deadline, server.log()[-3000:]
             time.sleep(0.05)  # another process's log file: nothing to await
-    finally:
-        server.process.kill()
-        server.process.wait()
 
 
 def test_refusals_carry_the_id_too(tmp_path: Path) -> None:
     """An API key refusal (HTTP 401, gRPC UNAUTHENTICATED) still says which request it was."""
-    server = start_ferry(tmp_path, api_key="sesame-0123456789abcdef")
-    try:
+    with serving(tmp_path, api_key="sesame-0123456789abcdef") as server:
         answer = httpx.post(
             f"{server.url}/generate", json={"text": "hi"}, headers={"X-Request-Id": "no-key-1"}, timeout=30
         )
         assert answer.status_code == 401 and answer.headers["x-request-id"] == "no-key-1"
-        request = pb.ModelInferRequest(
-            model_name=server.model_name,
-            inputs=[
-                pb.ModelInferRequest.InferInputTensor(
-                    name="text", datatype="BYTES", shape=[1], contents=pb.InferTensorContents(bytes_contents=[b"hi"])
-                )
-            ],
-        )
+        request = grpc_text_request(server.model_name, "hi")
         with grpc.insecure_channel(server.grpc_target) as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
             with pytest.raises(grpc.RpcError) as caught:
@@ -198,6 +185,3 @@ def test_refusals_carry_the_id_too(tmp_path: Path) -> None:
             error: Any = caught.value
             assert error.code() == grpc.StatusCode.UNAUTHENTICATED
             assert dict(error.initial_metadata())["x-request-id"] == "no-key-2"
-    finally:
-        server.process.kill()
-        server.process.wait()

@@ -32,42 +32,19 @@ from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
 
 from tests.conftest import (
-    REFERENCE_PROMPT,
     ROOT,
     FerryFactory,
     FerryProcess,
     ensure_tiny_model,
     free_ports,
-    start_ferry,
 )
+from tests.helpers import INSTANT_ENGINE, grpc_code, grpc_text_request, serving
 
 KEY = "test-key-0123456789abcdef"
-FAST = {"engine": "simulated", "sim_prefill_s": 0, "sim_step_s": 0, "sim_step_per_seq_s": 0}
 SERVICE = "/inference.GRPCInferenceService/"
 
 
 # ---- helpers ---------------------------------------------------------------------------------
-
-
-def grpc_text_request(model: str, text: str | bytes = REFERENCE_PROMPT, **parameters: Any) -> pb.ModelInferRequest:
-    raw = text.encode() if isinstance(text, str) else text
-    return pb.ModelInferRequest(
-        model_name=model,
-        inputs=[
-            pb.ModelInferRequest.InferInputTensor(
-                name="text", datatype="BYTES", shape=[1], contents=pb.InferTensorContents(bytes_contents=[raw])
-            )
-        ],
-        parameters=parameters,
-    )
-
-
-def grpc_code(call: Any) -> grpc.StatusCode:
-    try:
-        call()
-    except grpc.RpcError as err:
-        return err.code()  # type: ignore[no-any-return]
-    return grpc.StatusCode.OK
 
 
 def raw_exchange(port: int, data: bytes, *, read_timeout: float = 10.0) -> tuple[bytes, float]:
@@ -158,19 +135,15 @@ def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FerryProcess]:
     tmp = tmp_path_factory.mktemp("keyed")
     key_file = tmp / "api-key"
     key_file.write_text(KEY + "\n")
-    server = start_ferry(tmp, api_key_file=key_file, control_routes="true", **FAST)
-    yield server
-    server.process.kill()
-    server.process.wait()
+    with serving(tmp, api_key_file=key_file, control_routes="true", **INSTANT_ENGINE) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
 def plain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FerryProcess]:
     """Defaults (no key), a fast simulated engine."""
-    server = start_ferry(tmp_path_factory.mktemp("plain"), **FAST)
-    yield server
-    server.process.kill()
-    server.process.wait()
+    with serving(tmp_path_factory.mktemp("plain"), **INSTANT_ENGINE) as server:
+        yield server
 
 
 def ok(ferry: FerryProcess, key: str | None = KEY) -> dict[str, str]:
@@ -196,7 +169,7 @@ def test_repository_routes_are_off_by_default_and_the_model_keeps_serving(plain:
 def test_control_routes_need_the_key_and_an_unloaded_model_fails_liveness(
     ferry_factory: FerryFactory, tmp_path: Path
 ) -> None:
-    ferry = ferry_factory(api_key=KEY, control_routes="true", **FAST)
+    ferry = ferry_factory(api_key=KEY, control_routes="true", **INSTANT_ENGINE)
     unload = f"{ferry.url}/v2/repository/models/{ferry.model_name}/unload"
     assert httpx.post(unload, timeout=10).status_code == 401
     assert httpx.post(unload, headers=ok(ferry, "x" * 24), timeout=10).status_code == 401
@@ -349,7 +322,7 @@ def test_https_and_grpc_tls_from_kserves_flags(tmp_path: Path) -> None:
     cert, key = self_signed(tmp_path)
     http_port, grpc_port = free_ports(2)
     env = {**os.environ, "FERRY_HOST": "127.0.0.1", "FERRY_MODEL_DIR": str(ensure_tiny_model()), **{
-        f"FERRY_{k.upper()}": str(v) for k, v in FAST.items()}}
+        f"FERRY_{k.upper()}": str(v) for k, v in INSTANT_ENGINE.items()}}
     log_path = tmp_path / "tls.log"
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(
@@ -533,7 +506,7 @@ def chunks(total: int, size: int = 8192) -> Iterator[bytes]:
 
 
 def test_chunked_body_over_the_limit_is_413_on_every_route(ferry_factory: FerryFactory) -> None:
-    ferry = ferry_factory(max_body_bytes=4096, **FAST)
+    ferry = ferry_factory(max_body_bytes=4096, **INSTANT_ENGINE)
     name = ferry.model_name
     paths = [
         "/generate",
@@ -631,7 +604,7 @@ def test_sampling_values_the_engine_rejects_are_400_naming_the_field(
 
 
 def test_client_errors_log_no_traceback_and_no_forged_lines(ferry_factory: FerryFactory) -> None:
-    ferry = ferry_factory(**FAST)
+    ferry = ferry_factory(**INSTANT_ENGINE)
     forged = "FORGED-LINE ferry.server ERROR everything is on fire"
     before = ferry.log()
     assert httpx.get(f"{ferry.url}/v2/models/x%0a{forged.replace(' ', '%20')}/ready", timeout=10).status_code == 404
@@ -689,7 +662,7 @@ def test_log_filter_escapes_and_truncates() -> None:
 
 def test_stalled_requests_are_cut_off_while_probes_answer_with_the_cap_full(ferry_factory: FerryFactory) -> None:
     ferry = ferry_factory(
-        header_timeout_s=1, body_timeout_s=2, max_connections=16, args=["--timeout-keep-alive", "2"], **FAST
+        header_timeout_s=1, body_timeout_s=2, max_connections=16, args=["--timeout-keep-alive", "2"], **INSTANT_ENGINE
     )
     stalled: list[tuple[str, socket.socket, float]] = []
     for i in range(16):
