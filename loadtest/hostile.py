@@ -16,6 +16,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -234,57 +235,82 @@ def _chunked(path: str, size: int, key: str) -> bytes:
     return head + body + b"0\r\n\r\n"
 
 
-def input_classes(
-    server: Server, *, key: str, model: str, grpc_target: str, max_body_bytes: int
-) -> dict[str, Any]:
-    """One request per input class (issue 12's list); each answer must be the expected 4xx (or
-    gRPC status), never a 5xx, INTERNAL or UNKNOWN."""
-    url, port = server.url, server.port
-    auth = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
-    results: list[tuple[str, str, str]] = []  # (class, expected, got)
+@dataclass
+class _Classes:
+    """The input classes sent so far, each as (class, expected answer, answer)."""
 
-    def http(name: str, expected: str, status: int) -> None:
-        results.append((name, expected, str(status)))
+    server: Server
+    key: str
+    model: str
+    results: list[tuple[str, str, str]] = field(default_factory=list)
 
-    def post(path: str, body: bytes, headers: dict[str, str] | None = None) -> int:
-        return http_call(url + path, body, {**auth, **(headers or {})})[0]
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}", "Content-Type": "application/json"}
 
-    simple = json.dumps({"text": "hi", "max_new_tokens": 2}).encode()
-    # Credentials and control routes.
-    http("no API key", "401", http_call(url + "/generate", simple, {"Content-Type": "application/json"})[0])
-    http("wrong API key", "401", post("/generate", simple, {"Authorization": "Bearer " + "x" * 24}))
-    http("REST unload without a key", "401", http_call(f"{url}/v2/repository/models/{model}/unload", b"")[0])
-    http("REST unload with the key (routes off)", "404", post(f"/v2/repository/models/{model}/unload", b""))
-    http("still serving after the unloads", "200", post("/generate", simple))
-    # Headers.
+    def expect(self, name: str, expected: str, got: int | str) -> None:
+        self.results.append((name, expected, str(got)))
+
+    def post(self, path: str, body: bytes, headers: dict[str, str] | None = None) -> int:
+        """POSTs with the API key (and `headers` over the defaults); the status."""
+        return http_call(self.server.url + path, body, {**self.auth, **(headers or {})})[0]
+
+
+SIMPLE = json.dumps({"text": "hi", "max_new_tokens": 2}).encode()
+
+
+def _credentials(c: _Classes) -> None:
+    """No key, a wrong key, and the model-control routes with and without one."""
+    url, model = c.server.url, c.model
+    c.expect("no API key", "401", http_call(url + "/generate", SIMPLE, {"Content-Type": "application/json"})[0])
+    c.expect("wrong API key", "401", c.post("/generate", SIMPLE, {"Authorization": "Bearer " + "x" * 24}))
+    c.expect("REST unload without a key", "401", http_call(f"{url}/v2/repository/models/{model}/unload", b"")[0])
+    c.expect("REST unload with the key (routes off)", "404", c.post(f"/v2/repository/models/{model}/unload", b""))
+    c.expect("still serving after the unloads", "200", c.post("/generate", SIMPLE))
+
+
+def _headers(c: _Classes) -> None:
     for label, headers in (
         ("100 KB header", b"X-Big: " + b"a" * 100_000 + b"\r\n"),
         ("8 MB header", b"X-Big: " + b"a" * 8_000_000 + b"\r\n"),
         ("10,000 headers", b"".join(b"X-H%d: v\r\n" % i for i in range(10_000))),
     ):
-        status, _, _ = raw_exchange(port, b"GET /v2/health/live HTTP/1.1\r\nHost: ferry\r\n" + headers + b"\r\n")
-        http(label, "431", status)
-    # Bodies and prompts.
+        request = b"GET /v2/health/live HTTP/1.1\r\nHost: ferry\r\n" + headers + b"\r\n"
+        c.expect(label, "431", raw_exchange(c.server.port, request)[0])
+
+
+def _chunked_bodies(c: _Classes, max_body_bytes: int) -> None:
+    """A chunked body twice the limit on every route that takes a body."""
+    model = c.model
     for path in ("/generate", f"/v1/models/{model}:predict", f"/v2/models/{model}/infer", "/openai/v1/completions"):
-        status, _, _ = raw_exchange(port, _chunked(path, max_body_bytes * 2, key))
-        http(f"chunked body over the limit: {path}", "413", status)
-    big_prompt = json.dumps({"text": "b" * 1_000_000}).encode()
+        status, _, _ = raw_exchange(c.server.port, _chunked(path, max_body_bytes * 2, c.key))
+        c.expect(f"chunked body over the limit: {path}", "413", status)
+
+
+def _big_prompts(c: _Classes) -> float:
+    """1 MB of prompt text, refused while a liveness probe polls: the probe's slowest, in ms."""
     probe: list[tuple[int, float]] = []
     done = threading.Event()
 
     def poll() -> None:
         while not done.is_set():
-            probe.append(timed_get(url + "/v2/health/live"))
+            probe.append(timed_get(c.server.url + "/v2/health/live"))
 
     poller = threading.Thread(target=poll, daemon=True)
     poller.start()
-    http("1 MB prompt", "400", post("/generate", big_prompt))
+    c.expect("1 MB prompt", "400", c.post("/generate", json.dumps({"text": "b" * 1_000_000}).encode()))
     words = json.dumps({"instances": [("lorem ipsum dolor sit amet " * 2500)[:66_000]] * 15}).encode()
-    http("1 MB of prompts under the character bound", "400", post(f"/v1/models/{model}:predict", words))
+    c.expect("1 MB of prompts under the character bound", "400", c.post(f"/v1/models/{c.model}:predict", words))
     done.set()
     poller.join(10)
+    return 1000 * max((elapsed for _, elapsed in probe), default=float("nan"))
+
+
+def _v2_bodies(c: _Classes) -> None:
+    """A lone surrogate, and the binary-data extension's header and sizes that do not fit."""
+    infer = f"/v2/models/{c.model}/infer"
     surrogate = b'{"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["a\\ud800"]}]}'
-    http("V2 lone surrogate", "400", post(f"/v2/models/{model}/infer", surrogate))
+    c.expect("V2 lone surrogate", "400", c.post(infer, surrogate))
     header = json.dumps(
         {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": 9}}]}
     ).encode()
@@ -296,49 +322,75 @@ def input_classes(
         ("V2 binary: sizes do not add up", str(len(header)), header + raw[:5]),
     ):
         extra = {"inference-header-content-length": value, "Content-Type": "application/octet-stream"}
-        http(label, "400", post(f"/v2/models/{model}/infer", body, extra))
+        c.expect(label, "400", c.post(infer, body, extra))
+
+
+def _sampling_extremes(c: _Classes) -> None:
     for label, extra_fields in (("OpenAI top_k huge", {"top_k": 10**12}), ("OpenAI top_p tiny", {"top_p": 1e-320})):
-        body = json.dumps({"model": model, "prompt": "hi", "max_tokens": 2, **extra_fields}).encode()
-        status = post("/openai/v1/completions", body)
-        results.append((label, "200 or 400", str(status)))
-    # Logs.
+        body = json.dumps({"model": c.model, "prompt": "hi", "max_tokens": 2, **extra_fields}).encode()
+        c.expect(label, "200 or 400", c.post("/openai/v1/completions", body))
+
+
+def _log_injection(c: _Classes) -> int:
+    """A newline in a model name and a 900 KB field name: the bytes of the latter's answer."""
     forged = "FORGED ferry.server ERROR forged line"
-    status = http_call(f"{url}/v2/models/x%0a{forged.replace(' ', '%20')}/ready", None, auth)[0]
-    http("model name with %0a", "404", status)
+    status = http_call(f"{c.server.url}/v2/models/x%0a{forged.replace(' ', '%20')}/ready", None, c.auth)[0]
+    c.expect("model name with %0a", "404", status)
     big_field = json.dumps({"text": "hi", "k" * 900_000: 1}).encode()
-    status, answer = http_call(url + "/generate", big_field, auth)
-    http("900 KB field name", "400", status)
-    # gRPC.
-    metadata = (("authorization", f"Bearer {key}"),)
+    status, answer = http_call(c.server.url + "/generate", big_field, c.auth)
+    c.expect("900 KB field name", "400", status)
+    return len(answer)
+
+
+def _grpc_classes(c: _Classes, grpc_target: str) -> float:
+    """No key, the unload route, parameters of the wrong kind and a 7 MB prompt: the seconds
+    the 7 MB prompt took to be refused."""
+    metadata = (("authorization", f"Bearer {c.key}"),)
     with grpc.insecure_channel(grpc_target, options=[("grpc.max_send_message_length", 64 << 20)]) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        no_key = _grpc(lambda: stub.ModelInfer(_grpc_text(model, b"hi"), timeout=10))
-        results.append(("gRPC no key", "UNAUTHENTICATED", no_key))
-        unload = pb.RepositoryModelUnloadRequest(model_name=model)
-        results.append(("gRPC unload with the key", "UNIMPLEMENTED",
-                        _grpc(lambda: stub.RepositoryModelUnload(unload, metadata=metadata, timeout=10))))  # fmt: skip
+        no_key = _grpc(lambda: stub.ModelInfer(_grpc_text(c.model, b"hi"), timeout=10))
+        c.expect("gRPC no key", "UNAUTHENTICATED", no_key)
+        unload = pb.RepositoryModelUnloadRequest(model_name=c.model)
+        c.expect("gRPC unload with the key", "UNIMPLEMENTED",
+                 _grpc(lambda: stub.RepositoryModelUnload(unload, metadata=metadata, timeout=10)))  # fmt: skip
         for label, parameter in (
             ("gRPC string_param", pb.InferParameter(string_param="5")),
             ("gRPC bool_param", pb.InferParameter(bool_param=True)),
         ):
-            request = _grpc_text(model, b"hi", max_new_tokens=parameter)
+            request = _grpc_text(c.model, b"hi", max_new_tokens=parameter)
             code = _grpc(lambda r=request: stub.ModelInfer(r, metadata=metadata, timeout=10))  # type: ignore[misc]
-            results.append((label, "INVALID_ARGUMENT", code))
+            c.expect(label, "INVALID_ARGUMENT", code)
         started = time.monotonic()
-        code = _grpc(lambda: stub.ModelInfer(_grpc_text(model, b"c" * 7_000_000), metadata=metadata, timeout=10))
-        grpc_7mb_s = time.monotonic() - started
-        results.append(("gRPC 7 MB prompt", "RESOURCE_EXHAUSTED", code))
+        code = _grpc(lambda: stub.ModelInfer(_grpc_text(c.model, b"c" * 7_000_000), metadata=metadata, timeout=10))
+        c.expect("gRPC 7 MB prompt", "RESOURCE_EXHAUSTED", code)
+        return time.monotonic() - started
+
+
+def input_classes(
+    server: Server, *, key: str, model: str, grpc_target: str, max_body_bytes: int
+) -> dict[str, Any]:
+    """One request per input class (issue 12's list); each answer must be the expected 4xx (or
+    gRPC status), never a 5xx, INTERNAL or UNKNOWN."""
+    c = _Classes(server, key, model)
+    _credentials(c)
+    _headers(c)
+    _chunked_bodies(c, max_body_bytes)
+    probe_max_ms = _big_prompts(c)
+    _v2_bodies(c)
+    _sampling_extremes(c)
+    field_answer_bytes = _log_injection(c)
+    grpc_7mb_s = _grpc_classes(c, grpc_target)
     log_text = server.log_path.read_text(errors="replace")
-    failures = [r for r in results if r[2] not in r[1].split(" or ")]
-    server_errors = [r for r in results if r[2].startswith("5") or r[2] in ("INTERNAL", "UNKNOWN")]
+    failures = [r for r in c.results if r[2] not in r[1].split(" or ")]
+    server_errors = [r for r in c.results if r[2].startswith("5") or r[2] in ("INTERNAL", "UNKNOWN")]
     return {
-        "classes": len(results),
-        "results": [f"{name}: {got} (expected {expected})" for name, expected, got in results],
+        "classes": len(c.results),
+        "results": [f"{name}: {got} (expected {expected})" for name, expected, got in c.results],
         "unexpected": [f"{name}: {got} (expected {expected})" for name, expected, got in failures],
         "server_errors": len(server_errors),
-        "probe_max_ms_during_1mb_prompts": 1000 * max((e for _, e in probe), default=float("nan")),
+        "probe_max_ms_during_1mb_prompts": probe_max_ms,
         "grpc_7mb_refused_s": round(grpc_7mb_s, 3),
-        "900kb_field_answer_bytes": len(answer),
+        "900kb_field_answer_bytes": field_answer_bytes,
         "traceback_in_log": "Traceback" in log_text,
         "forged_line_in_log": any(line.startswith("FORGED") for line in log_text.splitlines()),
     }
