@@ -19,6 +19,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 
 import aiohttp
 
@@ -85,7 +86,10 @@ def _constant(body: bytes) -> BodyFactory:
 
 
 class _Run:
-    def __init__(self) -> None:
+    """What the users have sent and been answered so far; only the window's answers count."""
+
+    def __init__(self, users: int) -> None:
+        self.users = users
         self.measuring = False
         self.stopping = False
         self.latencies: list[float] = []
@@ -101,6 +105,122 @@ class _Run:
 
     def error(self, kind: str) -> None:
         self.errors[kind] = self.errors.get(kind, 0) + 1
+
+    def record(self, index: int, data: bytes, answer: _Answer, streams: bool) -> None:
+        if answer.ok:
+            self.ok += 1
+            if index not in self.answered_users:
+                self.answered_users.add(index)
+                if len(self.answered_users) == self.users:
+                    self.first_cycle_s = time.perf_counter() - self.began
+        if not self.measuring:
+            if not answer.ok:
+                self.error("warm-up " + answer.kind)
+        elif answer.ok:
+            self.latencies.append(answer.latency_s)
+            self.by_body.setdefault(data, []).append(answer.latency_s)
+            if streams:
+                self.ttfts.append(answer.first_chunk_s)
+        else:
+            self.failed += 1
+            self.error(answer.kind)
+
+
+class _Answer(NamedTuple):
+    ok: bool  # 2xx
+    kind: str  # "http <status>" or the transport error's class name
+    latency_s: float
+    first_chunk_s: float  # streamed requests only (0 otherwise)
+
+
+@dataclass
+class _Requests:
+    """What a user sends: every other user streams when a stream URL and body are given."""
+
+    url: str
+    make_body: BodyFactory
+    headers: dict[str, str]
+    stream_url: str | None
+    stream_body: bytes | None
+
+    def streams(self, index: int) -> bool:
+        return self.stream_url is not None and self.stream_body is not None and index % 2 == 1
+
+    def next(self, index: int, rng: random.Random) -> tuple[str, bytes]:
+        if index % 2 == 1 and self.stream_url is not None and self.stream_body is not None:
+            return self.stream_url, self.stream_body
+        return self.url, self.make_body(rng)
+
+
+async def _post(
+    session: aiohttp.ClientSession, url: str, data: bytes, headers: dict[str, str], streams: bool
+) -> _Answer:
+    started = time.perf_counter()
+    first_chunk = 0.0
+    try:
+        async with session.post(url, data=data, headers=headers) as response:
+            if streams:
+                async for _chunk in response.content.iter_any():
+                    if not first_chunk:
+                        first_chunk = time.perf_counter() - started
+            else:
+                await response.read()
+            ok, kind = 200 <= response.status < 300, f"http {response.status}"
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        ok, kind = False, type(exc).__name__
+    return _Answer(ok, kind, time.perf_counter() - started, first_chunk)
+
+
+async def _user(session: aiohttp.ClientSession, run: _Run, requests: _Requests, index: int, seed: int) -> None:
+    rng = random.Random(seed * 100_003 + index)
+    streams = requests.streams(index)
+    while not run.stopping:
+        url, data = requests.next(index, rng)
+        run.sent += 1
+        answer = await _post(session, url, data, requests.headers, streams)
+        run.record(index, data, answer, streams)
+        if not answer.ok and not run.measuring:
+            await asyncio.sleep(0.05)  # a server still starting: don't spin
+
+
+@dataclass
+class _Window:
+    warmed_s: float  # the warm-up's length
+    length_s: float
+    client_cpu_s: float
+
+
+async def _warm_up_then_measure(
+    run: _Run,
+    *,
+    duration_s: float,
+    warmup_s: float,
+    max_warmup_s: float,
+    min_cycles: float,
+    max_duration_s: float | None,
+    on_measure_start: Hook | None,
+    on_measure_end: Hook | None,
+) -> _Window:
+    """Waits out the warm-up (at least `warmup_s`, until every user has had an answer), then
+    opens the measurement window for its length, with the hooks at its edges."""
+    await asyncio.sleep(warmup_s)
+    while len(run.answered_users) < run.users and time.perf_counter() - run.began < max_warmup_s:
+        await asyncio.sleep(0.05)
+    warmed = time.perf_counter() - run.began
+    cycle = run.first_cycle_s or warmed
+    window = max(duration_s, min(min_cycles * cycle, max_duration_s or duration_s))
+    if on_measure_start is not None:
+        await on_measure_start()
+    cpu0 = time.process_time()
+    t0 = time.perf_counter()
+    run.measuring = True
+    await asyncio.sleep(window)
+    run.measuring = False
+    t1 = time.perf_counter()
+    cpu1 = time.process_time()
+    if on_measure_end is not None:
+        await on_measure_end()
+    return _Window(warmed, t1 - t0, cpu1 - cpu0)
 
 
 async def drive(
@@ -131,86 +251,31 @@ async def drive(
     answers in large bursts, and a window of only one or two bursts miscounts its rate.
     """
     make_body = _constant(body) if isinstance(body, bytes) else body
-    run = _Run()
     all_headers = {"Content-Type": "application/json", **(headers or {})}
+    requests = _Requests(url, make_body, all_headers, stream_url, stream_body)
+    run = _Run(users)
     connector = aiohttp.TCPConnector(limit=users, force_close=False)
-    client_timeout = aiohttp.ClientTimeout(total=timeout_s)
-
-    async with aiohttp.ClientSession(connector=connector, timeout=client_timeout) as session:
-
-        async def user(index: int) -> None:
-            rng = random.Random(seed * 100_003 + index)
-            streams = stream_url is not None and stream_body is not None and index % 2 == 1
-            while not run.stopping:
-                data = stream_body if streams and stream_body is not None else make_body(rng)
-                target = stream_url if streams and stream_url is not None else url
-                started = time.perf_counter()
-                first_chunk = 0.0
-                run.sent += 1
-                try:
-                    async with session.post(target, data=data, headers=all_headers) as response:
-                        if streams:
-                            async for _chunk in response.content.iter_any():
-                                if not first_chunk:
-                                    first_chunk = time.perf_counter() - started
-                        else:
-                            await response.read()
-                        ok = 200 <= response.status < 300
-                        kind = f"http {response.status}"
-                except (aiohttp.ClientError, TimeoutError) as exc:
-                    ok = False
-                    kind = type(exc).__name__
-                latency = time.perf_counter() - started
-                if ok:
-                    run.ok += 1
-                    if index not in run.answered_users:
-                        run.answered_users.add(index)
-                        if len(run.answered_users) == users:
-                            run.first_cycle_s = time.perf_counter() - run.began
-                if run.measuring:
-                    if ok:
-                        run.latencies.append(latency)
-                        run.by_body.setdefault(data, []).append(latency)
-                        if streams:
-                            run.ttfts.append(first_chunk)
-                    else:
-                        run.failed += 1
-                        run.error(kind)
-                elif not ok:
-                    run.error("warm-up " + kind)
-                    await asyncio.sleep(0.05)  # a server still starting: don't spin
-
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
         run.began = time.perf_counter()
-        tasks = [asyncio.create_task(user(i)) for i in range(users)]
+        tasks = [asyncio.create_task(_user(session, run, requests, i, seed)) for i in range(users)]
         try:
-            began = run.began
-            await asyncio.sleep(warmup_s)
-            while len(run.answered_users) < users and time.perf_counter() - began < max_warmup_s:
-                await asyncio.sleep(0.05)
-            warmed = time.perf_counter() - began
-            cycle = run.first_cycle_s or warmed
-            window = max(duration_s, min(min_cycles * cycle, max_duration_s or duration_s))
-            if on_measure_start is not None:
-                await on_measure_start()
-            cpu0 = time.process_time()
-            t0 = time.perf_counter()
-            run.measuring = True
-            await asyncio.sleep(window)
-            run.measuring = False
-            t1 = time.perf_counter()
-            cpu1 = time.process_time()
-            if on_measure_end is not None:
-                await on_measure_end()
+            window = await _warm_up_then_measure(
+                run, duration_s=duration_s, warmup_s=warmup_s, max_warmup_s=max_warmup_s, min_cycles=min_cycles,
+                max_duration_s=max_duration_s, on_measure_start=on_measure_start, on_measure_end=on_measure_end,
+            )  # fmt: skip
         finally:
             run.stopping = True
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+    return _result(run, window)
 
+
+def _result(run: _Run, window: _Window) -> DriveResult:
     return DriveResult(
-        users=users,
-        window_s=t1 - t0,
-        warmup_s=warmed,
+        users=run.users,
+        window_s=window.length_s,
+        warmup_s=window.warmed_s,
         completed=len(run.latencies),
         failed=run.failed,
         sent_total=run.sent,
@@ -218,7 +283,7 @@ async def drive(
         latencies_s=sorted(run.latencies),
         ttfts_s=sorted(run.ttfts),
         latencies_by_body_s={body: sorted(values) for body, values in run.by_body.items()},
-        client_cpu_s=cpu1 - cpu0,
+        client_cpu_s=window.client_cpu_s,
         errors=run.errors,
     )
 
