@@ -6,7 +6,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from predictor.engine import EngineItem, GenerationListener, ModelInfo, Sampling, _SequenceTracker
+from predictor.engine import EngineItem, GenerationListener, ModelInfo, Sampling, SequenceTracker
 
 WAIT_S = 10.0  # upper bound for any event wait; a test that needs it has failed
 
@@ -35,6 +35,7 @@ class GatedEngine:
 
     def __init__(self, concurrency: int = 1, hold_at_step: int = 0) -> None:
         self.concurrency = concurrency
+        self.background_concurrency = 0  # no background lane
         self.hold_at_step = hold_at_step
         self.info = ModelInfo(name="fake", kind="tiny", device="cpu", compute_type="none")
         self.tokenizer = self  # the batcher decodes text through engine.tokenizer.decode
@@ -71,6 +72,7 @@ class GatedEngine:
         sampling: Sampling,
         listener: GenerationListener,
         alone: bool = False,
+        background: bool = False,
     ) -> None:
         call = Call(list(items), sampling, self.hold_at_step, alone)
         with self.call_started:
@@ -78,7 +80,7 @@ class GatedEngine:
             self.calls.append(call)
             self.call_started.notify_all()
         call.started.set()
-        tracker = _SequenceTracker(items, listener, self.decode)
+        tracker = SequenceTracker(items, listener, self.decode)
         longest = max(item.max_new_tokens for item in items)
         try:
             for step in range(longest):

@@ -27,8 +27,6 @@ from predictor.engine.simulated import LatencyModel, SimulatedEngine
 from predictor.engine.threads import ThreadPlan, cpu_cores, resolve_compute_type, resolve_device
 from predictor.engine.tracker import Renumbered, SequenceTracker
 
-_SequenceTracker = SequenceTracker  # the name tests/fakes.py knew it by
-
 __all__ = [
     "GREEDY",
     "LOGPROB_TOKEN_BUDGET",
@@ -48,7 +46,6 @@ __all__ = [
     "SimulatedEngine",
     "ThreadPlan",
     "TokenLogprob",
-    "_SequenceTracker",
     "_by_token_budget",
     "cpu_cores",
     "resolve_compute_type",
