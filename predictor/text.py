@@ -1,6 +1,6 @@
 """Incremental detokenisation and stop strings, for one sequence, shared by every protocol.
 
-Runs in the engine thread (see `engine._SequenceTracker`), so a stop string ends its sequence
+Runs in the engine thread (see `engine.tracker.SequenceTracker`), so a stop string ends its sequence
 at the step that completes it, and the event loop receives text deltas, never token strings.
 """
 
