@@ -23,7 +23,7 @@ import grpc
 from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
 
-from loadtest.procs import HOST, Server, http_get
+from loadtest.harness import HOST, Server, http_get
 
 # What a stalled client has sent when it stops sending. (Opened in this order, round-robin: at
 # the cap itself a request whose headers are complete is answered 503 at once, so the last

@@ -10,7 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from loadtest.procs import Server
+from loadtest.harness import Server
 from loadtest.reliability.load import Poster, Record, client_session, count_outcomes, reference_body
 from loadtest.reliability.metrics import ascrape, delta, wait_metric
 from loadtest.reliability.options import Options

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loadtest.procs import Server
+from loadtest.harness import Server
 from loadtest.reliability.load import Poster, Record, client_session, count_outcomes, reference_body
 from loadtest.reliability.metrics import ascrape
 from loadtest.reliability.options import Options, SimProfile
@@ -143,6 +143,6 @@ async def drain(opts: Options, log_dir: Path) -> ScenarioResult:
     settings = {**PROFILE.settings(), "max_queue_size": 256, "drain_grace_s": opts.drain_grace_s, "access_log": "true"}
     async with running("drain", log_dir, settings) as server:
         shutdown = await _load_then_sigterm(opts, server)
-    res = ScenarioResult("drain", figures=_figures(opts, shutdown, server.log_path.read_text(errors="replace")))
+    res = ScenarioResult("drain", figures=_figures(opts, shutdown, server.log()))
     _judge(res, opts.drain_grace_s)
     return res

@@ -7,7 +7,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from loadtest.procs import http_get
+from loadtest.harness import http_get
 from loadtest.reliability.load import closed_loop_count, count_outcomes, reference_body
 from loadtest.reliability.metrics import ascrape
 from loadtest.reliability.options import Options, SimProfile

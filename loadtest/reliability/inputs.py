@@ -45,7 +45,7 @@ async def inputs(opts: Options, log_dir: Path) -> ScenarioResult:
     settings = {"model_dir": opts.inputs_model_dir, "api_key": API_KEY, "max_body_bytes": MAX_BODY}
     async with running("inputs", log_dir, settings) as server:
         figures = await asyncio.to_thread(
-            hostile.input_classes, server, key=API_KEY, model=MODEL_NAME, grpc_target=server.extra["grpc_target"],
+            hostile.input_classes, server, key=API_KEY, model=MODEL_NAME, grpc_target=server.grpc_target,
             max_body_bytes=MAX_BODY,
         )  # fmt: skip
     res = ScenarioResult("inputs", figures=figures)

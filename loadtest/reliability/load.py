@@ -11,7 +11,7 @@ from typing import Any
 import aiohttp
 
 from loadtest.driver import drive, generate_body
-from loadtest.procs import Server
+from loadtest.harness import Server
 
 JSON = {"Content-Type": "application/json"}
 REFERENCE_PROMPT = "Hello World, what is your name dog?"

@@ -1,4 +1,4 @@
-"""The server's own view: /metrics scraped from the scenario's loop, and its RSS over time."""
+"""The server's own view: /metrics read from the scenario's loop, and its RSS over time."""
 
 from __future__ import annotations
 
@@ -9,33 +9,15 @@ from collections.abc import Callable
 
 import psutil
 
-from loadtest.procs import Server, http_get
+from loadtest.harness import Server
 
 MB = 1024 * 1024
 QUEUE_FULL = 'ferry_requests_rejected_total{reason="queue_full"}'
 
 
-def parse_metrics(text: str) -> dict[str, float]:
-    """Prometheus text as {'name{label="v",...}': value} (labels sorted), like tests.conftest."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    values: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
-            values[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
-    return values
-
-
-def scrape(server: Server) -> dict[str, float]:
-    status, body = http_get(server.url + "/metrics", timeout=10)
-    if status != 200:
-        raise RuntimeError(f"/metrics answered {status}")
-    return parse_metrics(body.decode())
-
-
 async def ascrape(server: Server) -> dict[str, float]:
-    return await asyncio.to_thread(scrape, server)
+    """The server's /metrics, read in a thread so that the scenario's clients keep running."""
+    return await asyncio.to_thread(server.metrics)
 
 
 def delta(after: dict[str, float], before: dict[str, float], key: str) -> float:
@@ -49,14 +31,7 @@ def mean_batch(after: dict[str, float], before: dict[str, float]) -> float:
 
 async def wait_metric(server: Server, key: str, predicate: Callable[[float], bool], timeout_s: float) -> float:
     """Polls /metrics (another process's state: nothing to await) until predicate(value)."""
-    deadline = time.monotonic() + timeout_s
-    value = float("nan")
-    while time.monotonic() < deadline:
-        value = (await ascrape(server)).get(key, float("nan"))
-        if predicate(value):
-            return value
-        await asyncio.sleep(0.05)
-    return value
+    return await asyncio.to_thread(server.wait_metric, key, predicate, timeout_s, 0.05)
 
 
 def rss_bytes(pid: int) -> int:

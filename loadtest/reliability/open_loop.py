@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from loadtest.procs import Server
+from loadtest.harness import Server
 from loadtest.reliability.load import Poster, Record, client_session, count_outcomes, measure_peak
 from loadtest.reliability.metrics import RssSampler, ascrape
 from loadtest.reliability.results import log

@@ -54,10 +54,10 @@ class Options:
     overload_profile: SimProfile = field(default_factory=lambda: replace(OVERLOAD_PROFILE))
     overload_deadline_s: float = 2.0
     overload_queue: int = 32
-    peak_s: float = 10.0
+    peak_s: float = 10.0  # the closed loop that measures the unloaded peak first
     # faults
-    fault_every: int = 10
-    fault_requests: int = 400
+    fault_every: int = 10  # the simulated engine raises in every 10th batch
+    fault_requests: int = 400  # per batch size; raised to 3 x fault_every full batches if fewer
     # drain
     drain_grace_s: float = 10.0
     drain_steady_s: float = 5.0
@@ -70,10 +70,10 @@ class Options:
     soak_s: float = 600.0
     soak_warmup_s: float = 60.0
     soak_fraction: float = 0.8
-    soak_capacity_s: float = 15.0
-    soak_users: int = 40
-    inter_threads: int = 2
-    intra_threads: int = 1
+    soak_capacity_s: float = 15.0  # the closed loop that measures capacity first
+    soak_users: int = 40  # in that closed loop
+    inter_threads: int = 2  # CTranslate2: batches computed at once
+    intra_threads: int = 1  # CTranslate2: threads per batch
     # slow clients: ferry's default read timeouts; the cap filled with stalled sockets
     slow_cap: int = 64
     slow_header_timeout_s: float = 10.0

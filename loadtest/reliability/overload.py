@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from loadtest.driver import percentile
-from loadtest.procs import Server
+from loadtest.harness import Server
 from loadtest.reliability.load import latencies, reference_body
 from loadtest.reliability.metrics import QUEUE_FULL, delta, mean_batch, rss_detail
 from loadtest.reliability.open_loop import PeakThenOpenLoop as Measured

@@ -8,7 +8,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from loadtest.procs import Server, start_ferry
+from loadtest.harness import Server, start_ferry
 from loadtest.reliability.results import log
 
 MODEL_NAME = "opt-125m"
@@ -16,7 +16,7 @@ STARTED: list[Server] = []  # every server this process started, for stop_all()
 
 
 def start_ferry_server(name: str, log_dir: Path, settings: dict[str, object]) -> Server:
-    """procs.start_ferry, remembered so that every server is stopped at exit."""
+    """harness.start_ferry, remembered so that every server is stopped at exit."""
     server = start_ferry(name, log_dir=log_dir, settings=settings, model_name=MODEL_NAME)
     STARTED.append(server)
     return server
@@ -25,10 +25,7 @@ def start_ferry_server(name: str, log_dir: Path, settings: dict[str, object]) ->
 def stop_all() -> None:
     """Kills any server a scenario left running (e.g. one cancelled by its time bound mid-start)."""
     while STARTED:
-        server = STARTED.pop()
-        if server.process.poll() is None:
-            server.process.kill()
-            server.process.wait(timeout=10)
+        STARTED.pop().kill()
 
 
 def launch(name: str, log_dir: Path, settings: dict[str, object], attempts: int = 3) -> Server:
@@ -50,12 +47,11 @@ def launch(name: str, log_dir: Path, settings: dict[str, object], attempts: int 
 
 
 def stop(server: Server) -> None:
+    """SIGTERM, then SIGKILL after 30 s, or at once if the wait is interrupted."""
     try:
         server.stop(timeout_s=30)
     finally:
-        if server.process.poll() is None:
-            server.process.kill()
-            server.process.wait(timeout=10)
+        server.kill()
 
 
 @contextlib.asynccontextmanager
