@@ -308,6 +308,38 @@ class FerryModelServer(kserve.ModelServer):
             register_routes(kserve_app, model)
             routes.update(front_routes(model))
         self._register_and_check_atleast_one_model_is_ready(models)
+        # Probes and /metrics: open without a key, answered past the connection cap.
+        open_paths = ["/", "/metrics", "/v2/health/live", "/v2/health/ready"]
+        for model in ferry_models:
+            open_paths += [f"/v2/models/{model.name}/ready", f"/v1/models/{model.name}"]
+        api_key = self._api_key(open_paths)
+        rest = self._rest(tls, open_paths)
+        # After uvicorn's and KServe's logging set-up: request ids (and JSON lines) on every handler.
+        configure_logging(self.settings.log_format)
+        logsafe.install()  # client text escaped and truncated on every log line
+        rest.config.app = Front(
+            kserve_app,
+            routes,
+            max_body_bytes=self.settings.max_body_bytes,
+            retry_after_s=self.settings.retry_after_s,
+            api_key=api_key,
+            # load/unload: not served unless enabled (then behind the API key)
+            blocked_prefixes=() if self.settings.control_routes else (REPOSITORY_PREFIX,),
+            before_scrape=functools.partial(_flush_observations, ferry_models),
+        )
+        self._drain_on_signal(rest, ferry_models)
+        self._rest_server = rest
+        self.servers.append(rest.start())
+        if self.enable_grpc:
+            self._grpc_server = self._grpc(tls, api_key)
+            self.servers.append(self._grpc_server.start(self.max_threads))
+        with asyncio.Runner(loop_factory=_loop_factory(self.event_loop)) as runner:
+            asyncio.set_event_loop(runner.get_loop())
+            self.setup_event_loop()
+            self.register_signal_handler()
+            runner.run(self._serve())
+
+    def _rest(self, tls: TLSFiles | None, open_paths: list[str]) -> FerryRESTServer:
         rest = FerryRESTServer(
             "kserve.model_server:app",
             self.dataplane,
@@ -323,64 +355,44 @@ class FerryModelServer(kserve.ModelServer):
         )
         rest.config.host = self.settings.host
         # Header limits, read timeouts, probes past the connection cap, 503 while closing.
-        open_paths = ["/", "/metrics", "/v2/health/live", "/v2/health/ready"]
-        for model in ferry_models:
-            open_paths += [f"/v2/models/{model.name}/ready", f"/v1/models/{model.name}"]
         self._guard.probe_paths = frozenset(path.encode() for path in open_paths)
         rest.config.http = protocol_class(self._guard)
-        api_key = self._api_key(open_paths)
-        # After uvicorn's and KServe's logging set-up: request ids (and JSON lines) on every handler.
-        configure_logging(self.settings.log_format)
-        logsafe.install()  # client text escaped and truncated on every log line
         # Per response: no `server: uvicorn` header, and no X-Forwarded-For rewriting of the
         # client address (it only feeds access logs, off by default; measured ~2 % at high rates).
         rest.config.server_header = False
         rest.config.proxy_headers = self.settings.access_log
-        rest.config.app = Front(
-            kserve_app,
-            routes,
-            max_body_bytes=self.settings.max_body_bytes,
-            retry_after_s=self.settings.retry_after_s,
-            api_key=api_key,
-            # load/unload: not served unless enabled (then behind the API key)
-            blocked_prefixes=() if self.settings.control_routes else (REPOSITORY_PREFIX,),
-            before_scrape=functools.partial(_flush_observations, ferry_models),
-        )
         # Past this many connections or requests uvicorn answers 503 without calling the app:
         # under overload the excess never queues in the parser where no deadline applies.
         rest.config.limit_concurrency = self.settings.max_connections
         _retry_after_on_uvicorn_503(self.settings.retry_after_s)
+        return rest
+
+    def _drain_on_signal(self, rest: FerryRESTServer, ferry_models: list[FerryModel]) -> None:
+        """SIGTERM/SIGINT start a drain; a second signal stops waiting."""
         uvicorn_server = rest._server
         exit_now = uvicorn_server.handle_exit
 
         def on_signal(sig: int, frame: FrameType | None) -> None:
             if self._draining is not None:
-                exit_now(sig, frame)  # second signal: stop waiting
+                exit_now(sig, frame)
                 return
             loop = asyncio.get_running_loop()
             loop.call_soon_threadsafe(self._start_drain, ferry_models, sig, frame, exit_now)
 
         uvicorn_server.handle_exit = on_signal
-        self._rest_server = rest
-        self.servers.append(rest.start())
-        if self.enable_grpc:
-            self._grpc_server = BoundGRPCServer(
-                self.settings.host,
-                self.grpc_port,
-                self.dataplane,
-                self.model_repository_extension,
-                kwargs=vars(kserve.model_server.args),
-                grace_period=self.grace_period,
-                guard=GuardInterceptor(api_key, control_routes=self.settings.control_routes),
-                max_message_bytes=self.settings.max_body_bytes,
-                tls=tls,
-            )
-            self.servers.append(self._grpc_server.start(self.max_threads))
-        with asyncio.Runner(loop_factory=_loop_factory(self.event_loop)) as runner:
-            asyncio.set_event_loop(runner.get_loop())
-            self.setup_event_loop()
-            self.register_signal_handler()
-            runner.run(self._serve())
+
+    def _grpc(self, tls: TLSFiles | None, api_key: ApiKey | None) -> BoundGRPCServer:
+        return BoundGRPCServer(
+            self.settings.host,
+            self.grpc_port,
+            self.dataplane,
+            self.model_repository_extension,
+            kwargs=vars(kserve.model_server.args),
+            grace_period=self.grace_period,
+            guard=GuardInterceptor(api_key, control_routes=self.settings.control_routes),
+            max_message_bytes=self.settings.max_body_bytes,
+            tls=tls,
+        )
 
     def _tls_files(self) -> TLSFiles | None:
         """KServe's --ssl_certfile/--ssl_keyfile (or KSERVE_TLS_* env): both or neither."""
