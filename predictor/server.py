@@ -20,22 +20,15 @@ import asyncio
 import functools
 import logging
 import math
-import os
-import ssl
 from collections.abc import Callable
-from concurrent import futures
 from types import FrameType
 from typing import Any
 
-import grpc
 import kserve
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from grpc import aio
 from kserve.model_server import app as kserve_app
-from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
-from kserve.protocol.grpc.server import GRPCServer
 from starlette.types import Receive, Scope, Send
 
 from predictor import logsafe
@@ -43,15 +36,16 @@ from predictor.auth import ApiKey, GuardInterceptor
 from predictor.dataplane import FerryDataPlane
 from predictor.front import Front, Route
 from predictor.front.app import plain_error
-from predictor.front.grpc_ids import RequestIdInterceptor
 from predictor.front.guard import GuardConfig, cut_stalled, protocol_class
-from predictor.front.kserve_errors import REPOSITORY_PREFIX, ErrorInterceptor, FerryRESTServer, FerryServicer
+from predictor.front.kserve_errors import REPOSITORY_PREFIX, FerryRESTServer
+from predictor.grpc_server import BoundGRPCServer
 from predictor.model import FerryModel
 from predictor.protocols import generate, openai
 from predictor.protocols.errors import OVERLOADED, InvalidRequest, ServingError
 from predictor.protocols.requests import off_loop
 from predictor.request_context import configure_logging
 from predictor.settings import Settings
+from predictor.tls import TLSFiles
 
 log = logging.getLogger("ferry.server")
 # After the drain: the most time answers still being written get before the server closes.
@@ -124,96 +118,6 @@ def _json(body: bytes) -> Any:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise InvalidRequest("body", f"is not valid JSON ({exc})") from None
-
-
-class BoundGRPCServer(GRPCServer):
-    """KServe's gRPC server, bound to a chosen host instead of [::], with the API key and
-    repository guard, ferry's error statuses, messages bounded like HTTP bodies, and TLS from
-    the REST server's certificate when it has one."""
-
-    def __init__(
-        self,
-        host: str,
-        *args: Any,
-        guard: GuardInterceptor,
-        max_message_bytes: int,
-        tls: TLSFiles | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        self._host = host
-        self._guard = guard
-        self._max_message_bytes = max_message_bytes
-        self._tls = tls
-        self.close_grace_s: float | None = None  # set by the drain: admitted work is done
-
-    async def start(self, max_workers: int) -> None:
-        servicer = FerryServicer(self._data_plane, self._model_repository_extension)
-        receive_limit = min(self._max_message_bytes, self._kwargs.get("grpc_max_receive_message_length") or 1 << 31)
-        self._server = aio.server(
-            futures.ThreadPoolExecutor(max_workers=max_workers),
-            # Request ids outermost: refusals by the guard carry x-request-id too.
-            interceptors=(RequestIdInterceptor(), self._guard, ErrorInterceptor()),
-            options=[
-                ("grpc.max_send_message_length", self._kwargs.get("grpc_max_send_message_length")),
-                # The same byte limit as HTTP bodies: a bigger message is refused by gRPC itself
-                # (RESOURCE_EXHAUSTED) before it is parsed or tokenised.
-                ("grpc.max_receive_message_length", receive_limit),
-            ],
-        )
-        grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self._server)
-        host = f"[{self._host}]" if ":" in self._host else self._host
-        if self._tls is not None:
-            self._server.add_secure_port(f"{host}:{self._port}", self._tls.grpc_credentials())
-        else:
-            self._server.add_insecure_port(f"{host}:{self._port}")
-        log.info("gRPC server listening on %s:%s%s", host, self._port, " (TLS)" if self._tls else "")
-        await self._server.start()
-        await self._server.wait_for_termination()
-
-    async def stop(self, sig: int | None = None) -> None:
-        if self._server is not None:
-            grace = self.close_grace_s if self.close_grace_s is not None else self._grace_period
-            await self._server.stop(grace=grace)
-
-
-class TLSFiles:
-    """KServe's --ssl_certfile/--ssl_keyfile, checked at start-up; gRPC reads them again when
-    they change (as KServe's REST server does), so a rotated certificate needs no restart."""
-
-    def __init__(self, certfile: str, keyfile: str) -> None:
-        self.certfile, self.keyfile = certfile, keyfile
-        self._stamp = self._mtimes()
-        try:
-            self._pair = self._read()
-            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certfile, keyfile)
-        except (OSError, ValueError) as exc:
-            raise SystemExit(f"TLS: cannot use --ssl_certfile {certfile} / --ssl_keyfile {keyfile}: {exc}") from None
-
-    def _mtimes(self) -> tuple[float, float]:
-        try:
-            return os.stat(self.certfile).st_mtime, os.stat(self.keyfile).st_mtime
-        except OSError:
-            return (0.0, 0.0)
-
-    def _read(self) -> tuple[bytes, bytes]:
-        with open(self.keyfile, "rb") as key, open(self.certfile, "rb") as cert:
-            return key.read(), cert.read()
-
-    def grpc_credentials(self) -> grpc.ServerCredentials:
-        def fetch() -> grpc.ServerCertificateConfiguration | None:
-            stamp = self._mtimes()
-            if stamp == self._stamp:
-                return None  # unchanged: keep the current configuration
-            try:
-                self._pair, self._stamp = self._read(), stamp
-            except OSError:
-                return None
-            log.info("gRPC: TLS certificate reloaded from %s", self.certfile)
-            return grpc.ssl_server_certificate_configuration([self._pair])
-
-        initial = grpc.ssl_server_certificate_configuration([self._pair])
-        return grpc.dynamic_ssl_server_credentials(initial, fetch)
 
 
 def _retry_after_on_uvicorn_503(retry_after_s: int) -> None:
