@@ -31,36 +31,25 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 from loadtest import report
-from loadtest.bench_config import (
-    DEFAULT_GATHER_CAP_S,
-    FULL_LEVELS,
-    QUICK_LEVELS,
-    REFERENCE_PROMPT,
-    BenchConfig,
-    log,
-)
+from loadtest.bench_config import DEFAULT_GATHER_CAP_S, FULL_LEVELS, QUICK_LEVELS, REFERENCE_PROMPT, BenchConfig, log
+from loadtest.bench_results import Results
 from loadtest.bench_servers import bench_baseline, bench_ferry, bench_sim
 from loadtest.bench_summary import machine, summarize, write_outputs
-from loadtest.driver import (
-    GENERATOR_NAME,
-    install_fast_loop,
-)
+from loadtest.driver import GENERATOR_NAME, install_fast_loop
 
 
-def run(cfg: BenchConfig) -> dict[str, Any]:
+def run(cfg: BenchConfig) -> Results:
     install_fast_loop()
     started = time.monotonic()
     log_dir = cfg.out_dir / f"logs-{cfg.mode}"
-    results: dict[str, Any] = {
-        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
-        "generator": GENERATOR_NAME,
-        "machine": machine(),
-        "sweep": {name: [] for name in cfg.servers if name != "ferry-no-gather"},
-        "extra": [],
-    }
+    results = Results(
+        config={k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+        generator=GENERATOR_NAME,
+        machine=machine(),
+        sweep={name: [] for name in cfg.servers if name != "ferry-no-gather"},
+    )
     runners: dict[str, Callable[[], None]] = {
         "ferry": lambda: bench_ferry(cfg, log_dir, results),
         "naive": lambda: bench_baseline(cfg, "naive", log_dir, results),
@@ -78,30 +67,32 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
                 runners[name]()
             except Exception as exc:  # one server's failure must not lose the others' figures
                 log(f"{name} FAILED: {type(exc).__name__}: {exc}")
-                results.setdefault("failures", {})[name] = f"{type(exc).__name__}: {exc}"
+                results.failures[name] = f"{type(exc).__name__}: {exc}"
     finally:
-        results["machine"]["loadavg_end"] = os.getloadavg()
-        results["elapsed_s"] = time.monotonic() - started
-        s = summarize(cfg, results)
-        results["summary"] = s
-        if s.get("capacity"):
-            s["capacity_yaml"] = report.capacity_yaml(
-                s["capacity"], f"the ferry sweep ({cfg.mode} mode, {os.cpu_count()} CPUs)"
-            )
-        if len(cfg.levels) > 2:
-            from loadtest.plots import plot_sweep
-
-            title = f"ferry vs baselines, OPT-125m-shaped int8, {os.cpu_count()} CPUs"
-            title += f" ({GENERATOR_NAME})"
-            results["plots"] = [str(p) for p in plot_sweep(results["sweep"], cfg.plots_dir, title)]
-        write_outputs(cfg, results)
+        finish(cfg, results, time.monotonic() - started)
     print()
     print((cfg.out_dir / f"bench-{cfg.mode}.md").read_text())
-    log(f"done in {results['elapsed_s']:.0f} s; results: {cfg.out_dir}/bench-{cfg.mode}.md, .json")
+    log(f"done in {results.elapsed_s:.0f} s; results: {cfg.out_dir}/bench-{cfg.mode}.md, .json")
     return results
 
 
-def config_from_args(argv: list[str] | None = None) -> BenchConfig:
+def finish(cfg: BenchConfig, results: Results, elapsed_s: float) -> None:
+    """Summary, capacity advice, plots (a sweep of more than two levels), and the outputs."""
+    results.machine.loadavg_end = os.getloadavg()
+    results.elapsed_s = elapsed_s
+    summary = results.summary = summarize(cfg, results)
+    if summary.capacity:
+        source = f"the ferry sweep ({cfg.mode} mode, {os.cpu_count()} CPUs)"
+        summary.capacity_yaml = report.capacity_yaml(summary.capacity, source)
+    if len(cfg.levels) > 2:
+        from loadtest.plots import plot_sweep
+
+        title = f"ferry vs baselines, OPT-125m-shaped int8, {os.cpu_count()} CPUs ({GENERATOR_NAME})"
+        results.plots = [str(p) for p in plot_sweep(results.sweep, cfg.plots_dir, title)]
+    write_outputs(cfg, results)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -127,32 +118,33 @@ def config_from_args(argv: list[str] | None = None) -> BenchConfig:
     )
     parser.add_argument("--prompt", default=REFERENCE_PROMPT)
     parser.add_argument("--max-new-tokens", type=int, default=10)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+# Flags that are BenchConfig fields of the same name, taken as given.
+SAME_NAMED = (
+    "mode", "model_dir", "out_dir", "inter_threads", "intra_threads", "compute_type", "prompt", "max_new_tokens",
+)  # fmt: skip
+
+
+def config_from_args(argv: list[str] | None = None) -> BenchConfig:
+    args = parse_args(argv)
     full = args.mode == "full"
     default_servers = "ferry,naive,timer,ferry-sim" + (",ferry-no-gather" if full else "")
-    servers = [s for s in (args.servers or default_servers).split(",") if s]
-    levels = (
-        [int(x) for x in args.levels.split(",")]
-        if args.levels
-        else (FULL_LEVELS if full else QUICK_LEVELS)
-    )
+
+    def given(value: float | None, quick: float, full_mode: float) -> float:
+        return value if value is not None else (full_mode if full else quick)
+
     return BenchConfig(
-        mode=args.mode,
-        model_dir=args.model_dir,
-        levels=levels,
-        warmup_s=args.warmup if args.warmup is not None else (3.0 if full else 2.0),
-        measure_s=args.measure if args.measure is not None else (10.0 if full else 6.0),
-        reps=args.reps if args.reps is not None else (3 if full else 1),
+        **{name: getattr(args, name) for name in SAME_NAMED},
+        levels=[int(x) for x in args.levels.split(",")] if args.levels else (FULL_LEVELS if full else QUICK_LEVELS),
+        warmup_s=given(args.warmup, 2.0, 3.0),
+        measure_s=given(args.measure, 6.0, 10.0),
+        reps=int(given(args.reps, 1, 3)),
         max_warmup_s=25.0 if full else 12.0,
-        out_dir=args.out_dir,
         plots_dir=args.plots_dir or (Path("docs") if full else args.out_dir),
-        inter_threads=args.inter_threads,
-        intra_threads=args.intra_threads,
-        compute_type=args.compute_type,
         ferry_wait_s=args.ferry_wait,
-        prompt=args.prompt,
-        max_new_tokens=args.max_new_tokens,
-        servers=servers,
+        servers=[s for s in (args.servers or default_servers).split(",") if s],
         wait_variant_s=args.wait_variant,
         protocols=full,
         locust=full,

@@ -49,6 +49,3 @@ class BenchConfig:
 
 def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-# ---- one measurement ------------------------------------------------------------------

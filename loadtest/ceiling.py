@@ -9,17 +9,26 @@ independent of the batches ferry formed.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from loadtest.harness import metric_total, parse_metrics
 from predictor.engine import LatencyModel
 
 # ---- what ferry formed: its ferry_batch_size histogram ----------------------------------
 
 
-def histogram_snapshot(metrics_text: str, name: str = "ferry_batch_size") -> dict[str, Any]:
-    """{"buckets": {le: cumulative count}, "count": n, "sum": s} of one Prometheus histogram."""
+@dataclass
+class HistogramSnapshot:
+    """One Prometheus histogram at one scrape."""
+
+    buckets: dict[float, float]  # upper edge (le) -> cumulative count
+    count: float
+    sum: float
+
+
+def histogram_snapshot(metrics_text: str, name: str = "ferry_batch_size") -> HistogramSnapshot:
     buckets: dict[float, float] = {}
     count = total = 0.0
     for family in text_string_to_metric_families(metrics_text):
@@ -32,20 +41,15 @@ def histogram_snapshot(metrics_text: str, name: str = "ferry_batch_size") -> dic
                 count = sample.value
             elif sample.name == f"{name}_sum":
                 total = sample.value
-    return {"buckets": buckets, "count": count, "sum": total}
+    return HistogramSnapshot(buckets, count, total)
 
 
 def metric_value(metrics_text: str, name: str) -> float:
     """Sum of every sample of one metric (counter, gauge, or a histogram's _sum/_count)."""
-    value = 0.0
-    for family in text_string_to_metric_families(metrics_text):
-        for sample in family.samples:
-            if sample.name == name:
-                value += sample.value
-    return value
+    return metric_total(parse_metrics(metrics_text), name)
 
 
-def batch_sizes_between(before: dict[str, Any], after: dict[str, Any]) -> list[int]:
+def batch_sizes_between(before: HistogramSnapshot, after: HistogramSnapshot) -> list[int]:
     """The batch sizes formed between two histogram snapshots.
 
     Buckets up to 8 are one size wide, so those sizes are exact. A wider bucket (8, 16] only
@@ -53,21 +57,21 @@ def batch_sizes_between(before: dict[str, Any], after: dict[str, Any]) -> list[i
     (each kept inside its bucket, spread as evenly as the sum allows). Count, sum and the
     bucket of every batch are therefore the ones ferry formed.
     """
-    edges = sorted(after["buckets"])
+    edges = sorted(after.buckets)
     counts: list[tuple[int, int, int]] = []  # (low exclusive, high inclusive, count)
     previous_cum = 0
     low = 0
     for edge in edges:
         if edge == float("inf"):
             continue
-        cum = round(after["buckets"][edge] - before["buckets"].get(edge, 0.0))
+        cum = round(after.buckets[edge] - before.buckets.get(edge, 0.0))
         counts.append((low, int(edge), cum - previous_cum))
         previous_cum = cum
         low = int(edge)
-    total_count = round(after["count"] - before["count"])
+    total_count = round(after.count - before.count)
     if total_count > previous_cum:  # above the largest edge (cannot happen with max_batch_size)
         counts.append((low, low + 1, total_count - previous_cum))
-    target_sum = round(after["sum"] - before["sum"])
+    target_sum = round(after.sum - before.sum)
 
     sizes: list[int] = []
     wide: list[tuple[int, int, int]] = []
@@ -100,19 +104,33 @@ def batch_sizes_between(before: dict[str, Any], after: dict[str, Any]) -> list[i
     return sizes
 
 
+@dataclass
+class SimulatedCeiling:
+    """SimulatedEngine's limit for a set of batches, from its own latency formula."""
+
+    engine: str
+    concurrency: int
+    batches: int
+    requests: int
+    rps: float
+    mean_batch_size: float
+    mean_batch_seconds: float
+    single_latency_s: float
+
+
 def simulated_ceiling(
     sizes: Sequence[int], *, max_new_tokens: int, latency: LatencyModel, concurrency: int = 1
-) -> dict[str, Any]:
+) -> SimulatedCeiling:
     """SimulatedEngine's limit for these batches: its own latency formula, `concurrency` at once."""
     seconds = sum(latency.batch_seconds(n, max_new_tokens) for n in sizes)
     requests = sum(sizes)
-    return {
-        "engine": "simulated",
-        "concurrency": concurrency,
-        "batches": len(sizes),
-        "requests": requests,
-        "rps": requests / (seconds / concurrency) if seconds > 0 else 0.0,
-        "mean_batch_size": requests / len(sizes) if sizes else 0.0,
-        "mean_batch_seconds": seconds / len(sizes) if sizes else 0.0,
-        "single_latency_s": latency.batch_seconds(1, max_new_tokens),
-    }
+    return SimulatedCeiling(
+        engine="simulated",
+        concurrency=concurrency,
+        batches=len(sizes),
+        requests=requests,
+        rps=requests / (seconds / concurrency) if seconds > 0 else 0.0,
+        mean_batch_size=requests / len(sizes) if sizes else 0.0,
+        mean_batch_seconds=seconds / len(sizes) if sizes else 0.0,
+        single_latency_s=latency.batch_seconds(1, max_new_tokens),
+    )

@@ -18,6 +18,8 @@ import json
 import statistics
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,52 +27,92 @@ from predictor.engine import cpu_cores, resolve_compute_type, resolve_device
 from predictor.tokenizer import shared_tokenizer
 
 
+@dataclass
+class ConfigResult:
+    """One configuration of calls x threads, measured."""
+
+    config: str  # "calls x batch size", e.g. "2 x 20"
+    calls: int
+    threads_per_call: int
+    rps: float
+    single_latency_s: float | None
+
+
+@dataclass
+class EngineLimit:
+    """The best of the configurations at `in_flight` requests."""
+
+    in_flight: int
+    cores: int
+    rps: float
+    best_config: str
+    single_latency_s: float | None
+    configs: list[ConfigResult]
+
+    @classmethod
+    def from_json(cls, text: str) -> EngineLimit:
+        data = json.loads(text)
+        data["configs"] = [ConfigResult(**config) for config in data["configs"]]
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What every configuration is asked: `in_flight` copies of one prompt, exactly
+    `max_new_tokens` each."""
+
+    model_dir: Path
+    in_flight: int
+    prompt: str
+    max_new_tokens: int
+    compute_type: str
+
+
 def split(n: int, parts: int) -> list[int]:
     return [n // parts + (1 if i < n % parts else 0) for i in range(parts)]
 
 
-def measure_config(
-    model_dir: Path,
-    *,
-    calls: int,
-    threads_per_call: int,
-    in_flight: int,
-    prompt: str,
-    max_new_tokens: int,
-    compute_type: str,
-    time_cap_s: float,
-    single_runs: int,
-) -> dict[str, Any]:
+def _batch_runner(work: Workload, calls: int, threads_per_call: int) -> tuple[Callable[[int], None], Any]:
+    """A function that generates one batch of n prompts, and the generator behind it."""
     import ctranslate2
 
     device = resolve_device("auto")
     generator = ctranslate2.Generator(
-        str(model_dir),
+        str(work.model_dir),
         device=device,
-        compute_type=resolve_compute_type(compute_type, device),
+        compute_type=resolve_compute_type(work.compute_type, device),
         inter_threads=calls,
         intra_threads=threads_per_call,
     )
-    tokens = shared_tokenizer().encode(prompt)
+    tokens = shared_tokenizer().encode(work.prompt)
     options = {
-        "max_length": max_new_tokens,
-        "min_length": max_new_tokens,
+        "max_length": work.max_new_tokens,
+        "min_length": work.max_new_tokens,
         "include_prompt_in_result": False,
         "beam_size": 1,
     }
-    sizes = [s for s in split(in_flight, calls) if s > 0]
 
     def run(n: int) -> None:
         generator.generate_batch([tokens] * n, **options)
 
-    singles: list[float] = []
-    if single_runs:
-        run(1)  # warm-up
-        for _ in range(single_runs):
-            started = time.perf_counter()
-            run(1)
-            singles.append(time.perf_counter() - started)
+    return run, generator
 
+
+def _single_latencies(run: Callable[[int], None], runs: int) -> list[float]:
+    """Seconds for one request alone, `runs` times (after one warm-up)."""
+    if not runs:
+        return []
+    run(1)
+    latencies = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        run(1)
+        latencies.append(time.perf_counter() - started)
+    return latencies
+
+
+def _throughput(run: Callable[[int], None], sizes: list[int], time_cap_s: float) -> float:
+    """Requests/s with one thread per call, each generating its batch size again and again."""
     done = [0] * len(sizes)
     stop_at = time.perf_counter() + time_cap_s
 
@@ -86,15 +128,24 @@ def measure_config(
         t.start()
     for t in workers:
         t.join()
-    wall = time.perf_counter() - started
+    return sum(done) / (time.perf_counter() - started)
+
+
+def measure_config(
+    work: Workload, *, calls: int, threads_per_call: int, time_cap_s: float, single_runs: int
+) -> ConfigResult:
+    sizes = [s for s in split(work.in_flight, calls) if s > 0]
+    run, generator = _batch_runner(work, calls, threads_per_call)
+    singles = _single_latencies(run, single_runs)
+    rps = _throughput(run, sizes, time_cap_s)
     generator.unload_model()
-    return {
-        "config": f"{len(sizes)} x {sizes[0]}" + (f"..{sizes[-1]}" if sizes[-1] != sizes[0] else ""),
-        "calls": len(sizes),
-        "threads_per_call": threads_per_call,
-        "rps": sum(done) / wall,
-        "single_latency_s": statistics.median(singles) if singles else None,
-    }
+    return ConfigResult(
+        config=f"{len(sizes)} x {sizes[0]}" + (f"..{sizes[-1]}" if sizes[-1] != sizes[0] else ""),
+        calls=len(sizes),
+        threads_per_call=threads_per_call,
+        rps=rps,
+        single_latency_s=statistics.median(singles) if singles else None,
+    )
 
 
 def engine_limit(
@@ -106,33 +157,30 @@ def engine_limit(
     compute_type: str = "auto",
     time_cap_s: float = 5.0,
     single_runs: int = 9,
-) -> dict[str, Any]:
+) -> EngineLimit:
+    work = Workload(model_dir, in_flight, prompt, max_new_tokens, compute_type)
     cores = cpu_cores() if resolve_device("auto") == "cpu" else 1
     call_counts = [k for k in (1, 2, 4) if k <= max(cores, 1) and k <= in_flight]
     configs = [
         measure_config(
-            model_dir,
+            work,
             calls=k,
             threads_per_call=max(1, cores // k),
-            in_flight=in_flight,
-            prompt=prompt,
-            max_new_tokens=max_new_tokens,
-            compute_type=compute_type,
             time_cap_s=time_cap_s,
             single_runs=single_runs if k == 1 or in_flight == 1 else 0,
         )
         for k in call_counts
     ]
-    best = max(configs, key=lambda c: c["rps"])
-    singles = [c["single_latency_s"] for c in configs if c["single_latency_s"] is not None]
-    return {
-        "in_flight": in_flight,
-        "cores": cores,
-        "rps": best["rps"],
-        "best_config": best["config"],
-        "single_latency_s": min(singles) if singles else None,
-        "configs": configs,
-    }
+    best = max(configs, key=lambda c: c.rps)
+    singles = [c.single_latency_s for c in configs if c.single_latency_s is not None]
+    return EngineLimit(
+        in_flight=in_flight,
+        cores=cores,
+        rps=best.rps,
+        best_config=best.config,
+        single_latency_s=min(singles) if singles else None,
+        configs=configs,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -154,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
         time_cap_s=args.time_cap,
         single_runs=args.single_runs,
     )
-    print(json.dumps(result))
+    print(json.dumps(asdict(result)))
 
 
 if __name__ == "__main__":

@@ -220,16 +220,6 @@ class Server:
         return self.process.wait(timeout=10)
 
 
-def unused_log_path(log_dir: Path, name: str) -> Path:
-    """log_dir/name.log, or name-2.log, ... when an earlier server of that name left its log."""
-    path = log_dir / f"{name}.log"
-    n = 1
-    while path.exists():
-        n += 1
-        path = log_dir / f"{name}-{n}.log"
-    return path
-
-
 def start_process(
     name: str,
     command: Sequence[str],
@@ -240,10 +230,11 @@ def start_process(
     env: dict[str, str] | None = None,
     own_process_group: bool = False,
 ) -> Server:
-    """`command` in the repository root, stdout and stderr to a log in `log_dir`, with `env` added
-    to this process's environment. Returns at once: call `wait_ready`."""
+    """`command` in the repository root, stdout and stderr to log_dir/<name>.log (a new run of the
+    same name overwrites it), with `env` added to this process's environment. Returns at once:
+    call `wait_ready`."""
     log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = unused_log_path(log_dir, name)
+    log_path = log_dir / f"{name}.log"
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(
             list(command),

@@ -199,6 +199,11 @@ class OpenAICompletionsUser(_FerryHttpUser):
         return None
 
 
+def _one_element(pb: Any, name: str, datatype: str, contents: Any) -> Any:
+    """A V2 input tensor of shape [1]."""
+    return pb.ModelInferRequest.InferInputTensor(name=name, datatype=datatype, shape=[1], contents=contents)
+
+
 class V2GrpcUser(User):
     """Open Inference Protocol over gRPC (KServe's generated stubs), timed as locust requests."""
 
@@ -222,22 +227,11 @@ class V2GrpcUser(User):
         self.model_name = _option(env, "model_name", "opt-125m")
         prompt = _option(env, "prompt", DEFAULT_PROMPT)
         tokens = _option(env, "max_new_tokens", 10)
+        text = _one_element(pb, "text", "BYTES", pb.InferTensorContents(bytes_contents=[prompt.encode()]))
+        max_new_tokens = _one_element(pb, "max_new_tokens", "INT32", pb.InferTensorContents(int_contents=[tokens]))
         self.request = pb.ModelInferRequest(
             model_name=self.model_name,
-            inputs=[
-                pb.ModelInferRequest.InferInputTensor(
-                    name="text",
-                    datatype="BYTES",
-                    shape=[1],
-                    contents=pb.InferTensorContents(bytes_contents=[prompt.encode()]),
-                ),
-                pb.ModelInferRequest.InferInputTensor(
-                    name="max_new_tokens",
-                    datatype="INT32",
-                    shape=[1],
-                    contents=pb.InferTensorContents(int_contents=[tokens]),
-                ),
-            ],
+            inputs=[text, max_new_tokens],
             parameters={"ignore_eos": pb.InferParameter(bool_param=True)},
         )
 

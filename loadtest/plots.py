@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
+from loadtest.bench_results import Row
 from loadtest.report import SERVER_TITLES, median_row
 
 STYLES = {
@@ -17,16 +17,17 @@ STYLES = {
 }
 
 
-def _series(points: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
-    levels = sorted({int(p["users"]) for p in points})
+def _series(points: list[Row], key: str) -> tuple[list[int], list[float]]:
+    """The median run's `key` (a Row field) at each concurrency."""
+    levels = sorted({p.users for p in points})
     values = []
     for users in levels:
-        row = median_row([p for p in points if int(p["users"]) == users])
-        values.append(float(row.get(key) or 0.0))
+        row = median_row([p for p in points if p.users == users])
+        values.append(float(getattr(row, key) or 0.0))
     return levels, values
 
 
-def plot_sweep(sweep: dict[str, list[dict[str, Any]]], out_dir: Path, title: str) -> list[Path]:
+def plot_sweep(sweep: dict[str, list[Row]], out_dir: Path, title: str) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -45,7 +46,7 @@ def plot_sweep(sweep: dict[str, list[dict[str, Any]]], out_dir: Path, title: str
             color, marker = STYLES.get(server, ("tab:gray", "."))
             x, y = _series(points, key)
             ax.plot(x, y, marker=marker, color=color, label=SERVER_TITLES.get(server, server))
-            if key == "rps" and any(p.get("ceiling_rps") for p in points):
+            if key == "rps" and any(p.ceiling_rps for p in points):
                 cx, cy = _series(points, "ceiling_rps")
                 ax.plot(
                     cx,

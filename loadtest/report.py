@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Sequence
-from typing import Any
 
-Row = dict[str, Any]
+from loadtest.bench_results import CapacityAdvice, Row
 
 SERVER_TITLES = {
     "ferry": "ferry (CTranslate2)",
@@ -25,8 +24,8 @@ SERVER_TITLES = {
 
 def median_row(rows: Sequence[Row], key: str = "rps") -> Row:
     """The row whose `key` is the median (lower median for an even count): a real run, not a mix."""
-    ordered = sorted(rows, key=lambda r: float(r.get(key) or 0.0))
-    return dict(ordered[(len(ordered) - 1) // 2])
+    ordered = sorted(rows, key=lambda r: float(getattr(r, key) or 0.0))
+    return ordered[(len(ordered) - 1) // 2]
 
 
 def median_of(values: Sequence[float]) -> float:
@@ -42,14 +41,14 @@ def knee(points: Sequence[Row], fraction: float = 0.9) -> Row | None:
     more concurrent requests per pod mostly add queueing latency."""
     if not points:
         return None
-    best = max(float(p["rps"]) for p in points)
-    for point in sorted(points, key=lambda p: int(p["users"])):
-        if float(point["rps"]) >= fraction * best:
+    best = max(p.rps for p in points)
+    for point in sorted(points, key=lambda p: p.users):
+        if point.rps >= fraction * best:
             return point
     return None
 
 
-def capacity_advice(points: Sequence[Row], p99_slack: float = 2.0) -> dict[str, Any] | None:
+def capacity_advice(points: Sequence[Row], p99_slack: float = 2.0) -> CapacityAdvice | None:
     """Autoscaling targets from a server's sweep.
 
     - Knative soft target (autoscaling.knative.dev/target) and KEDA's in-flight threshold: the
@@ -60,40 +59,39 @@ def capacity_advice(points: Sequence[Row], p99_slack: float = 2.0) -> dict[str, 
     at_knee = knee(points)
     if at_knee is None:
         return None
-    users = int(at_knee["users"])
-    p99_limit = p99_slack * float(at_knee["p99_s"])
+    users = at_knee.users
+    p99_limit = p99_slack * at_knee.p99_s
     cap = users
-    for point in sorted(points, key=lambda p: int(p["users"])):
-        if int(point["users"]) >= users and float(point["p99_s"]) <= p99_limit:
-            cap = int(point["users"])
-    best = max(float(p["rps"]) for p in points)
-    return {
-        "knee_users": users,
-        "knee_rps": float(at_knee["rps"]),
-        "knee_p99_s": float(at_knee["p99_s"]),
-        "best_rps": best,
-        "container_concurrency": cap,
-        "knative_target": users,
-        "keda_in_flight_threshold": users,
-    }
+    for point in sorted(points, key=lambda p: p.users):
+        if point.users >= users and point.p99_s <= p99_limit:
+            cap = point.users
+    return CapacityAdvice(
+        knee_users=users,
+        knee_rps=at_knee.rps,
+        knee_p99_s=at_knee.p99_s,
+        best_rps=max(p.rps for p in points),
+        container_concurrency=cap,
+        knative_target=users,
+        keda_in_flight_threshold=users,
+    )
 
 
-def capacity_yaml(advice: dict[str, Any], source: str) -> str:
+def capacity_yaml(advice: CapacityAdvice, source: str) -> str:
     return "\n".join(
         [
-            f"# capacity advice from {source}: knee at {advice['knee_users']} concurrent requests",
-            f"# ({advice['knee_rps']:.1f} req/s ="
-            f" {ratio(advice['knee_rps'], advice['best_rps']):.0%} of the sweep's best,"
-            f" p99 {advice['knee_p99_s'] * 1000:.0f} ms)",
+            f"# capacity advice from {source}: knee at {advice.knee_users} concurrent requests",
+            f"# ({advice.knee_rps:.1f} req/s ="
+            f" {ratio(advice.knee_rps, advice.best_rps):.0%} of the sweep's best,"
+            f" p99 {advice.knee_p99_s * 1000:.0f} ms)",
             "autoscaling:",
             "  knative:",
-            f"    target: {advice['knative_target']}"
+            f"    target: {advice.knative_target}"
             "  # autoscaling.knative.dev/target: concurrent requests per pod (soft)",
-            f"    containerConcurrency: {advice['container_concurrency']}"
+            f"    containerConcurrency: {advice.container_concurrency}"
             "  # hard cap per pod; p99 stays within 2x the knee's",
             "  keda:",
             "    metric: ferry_requests_in_flight",
-            f'    threshold: "{advice["keda_in_flight_threshold"]}"'
+            f'    threshold: "{advice.keda_in_flight_threshold}"'
             "  # KEDA prometheus trigger: average in-flight per pod",
         ]
     )
@@ -103,8 +101,8 @@ def fmt_ms(seconds: float) -> str:
     return f"{seconds * 1000:.0f}"
 
 
-def _cell(row: Row, key: str, fmt: str) -> str:
-    return fmt.format(row[key]) if row.get(key) is not None else "-"
+def _cell(value: float | None, fmt: str) -> str:
+    return fmt.format(value) if value is not None else "-"
 
 
 def markdown_table(rows: Sequence[Row]) -> str:
@@ -115,16 +113,16 @@ def markdown_table(rows: Sequence[Row]) -> str:
     )
     lines = [header]
     for r in rows:
-        ceiling = r.get("ceiling_rps")
+        ceiling = r.ceiling_rps
         ceiling_cell = f"{ceiling:.1f}" if ceiling else "-"
-        ratio_cell = f"{ratio(r['rps'], ceiling):.2f}" if ceiling else "-"
+        ratio_cell = f"{ratio(r.rps, ceiling):.2f}" if ceiling else "-"
         lines.append(
-            f"| {SERVER_TITLES.get(r['server'], r['server'])} | {r['rps']:.1f}"
-            f" | {fmt_ms(r['p50_s'])} | {fmt_ms(r['p95_s'])} | {fmt_ms(r['p99_s'])}"
-            f" | {_cell(r, 'mean_batch_size', '{:.1f}')}"
-            f" | {_cell(r, 'cpu_s_per_request', '{:.4f}')}"
-            f" | {r.get('peak_rss_bytes', 0) / 2**20:.0f}"
-            f" | {_cell(r, 'client_cpu_share', '{:.0%}')} ({r.get('generator', 'aiohttp')})"
+            f"| {SERVER_TITLES.get(r.server, r.server)} | {r.rps:.1f}"
+            f" | {fmt_ms(r.p50_s)} | {fmt_ms(r.p95_s)} | {fmt_ms(r.p99_s)}"
+            f" | {_cell(r.mean_batch_size, '{:.1f}')}"
+            f" | {_cell(r.cpu_s_per_request, '{:.4f}')}"
+            f" | {r.peak_rss_bytes / 2**20:.0f}"
+            f" | {_cell(r.client_cpu_share, '{:.0%}')} ({r.generator})"
             f" | {ceiling_cell} | {ratio_cell} |"
         )
     return "\n".join(lines)
@@ -132,17 +130,17 @@ def markdown_table(rows: Sequence[Row]) -> str:
 
 def sweep_table(sweep: dict[str, list[Row]]) -> str:
     servers = [s for s in sweep if sweep[s]]
-    levels = sorted({int(p["users"]) for s in servers for p in sweep[s]})
+    levels = sorted({p.users for s in servers for p in sweep[s]})
     head = "| users | " + " | ".join(f"{s} req/s | {s} p99 ms" for s in servers) + " |"
     sep = "| ---: |" + " ---: | ---: |" * len(servers)
     lines = [head, sep]
     for users in levels:
         cells = []
         for s in servers:
-            match = [p for p in sweep[s] if int(p["users"]) == users]
+            match = [p for p in sweep[s] if p.users == users]
             if match:
                 p = median_row(match)
-                cells.append(f"{p['rps']:.1f} | {fmt_ms(p['p99_s'])}")
+                cells.append(f"{p.rps:.1f} | {fmt_ms(p.p99_s)}")
             else:
                 cells.append("- | -")
         lines.append(f"| {users} | " + " | ".join(cells) + " |")

@@ -3,6 +3,7 @@ and stopped by loadtest/harness.py (the same harness as the benchmark's)."""
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -18,6 +19,7 @@ __all__ = ["ROOT", "free_port", "free_ports"]  # imported from here by several t
 TINY_MODEL = ROOT / "models" / "tiny"
 REFERENCE_PROMPT = "Hello World, what is your name dog?"
 READY_TIMEOUT_S = 60.0
+_SERVER_NUMBERS = itertools.count(1)  # each server its own log, also when they share a directory
 
 # A ferry under test is a harness Server (url, grpc_target, model_name, log(), metrics(), ...).
 FerryProcess = Server
@@ -37,7 +39,7 @@ def start_ferry(
     """Starts `python -m predictor` on the tiny model (unless `model_dir` is given) with FERRY_*
     settings, and waits until the model is ready."""
     server = start_ferry_process(
-        "ferry",
+        f"ferry-{next(_SERVER_NUMBERS)}",
         log_dir=tmp_dir,
         settings={"model_dir": ensure_tiny_model(), **settings},
         model_name=model_name,

@@ -19,9 +19,10 @@ import httpx
 import pytest
 
 from loadtest import report
+from loadtest.bench_results import Row
 from loadtest.ceiling import batch_sizes_between, histogram_snapshot, simulated_ceiling
 from loadtest.driver import drive, generate_body, percentile
-from loadtest.procs import Server, start_baseline
+from loadtest.harness import Server, start_baseline
 from predictor.engine import LatencyModel
 from tests.conftest import REFERENCE_PROMPT, ROOT, FerryProcess, ensure_tiny_model
 
@@ -141,23 +142,21 @@ def test_batch_sizes_are_rebuilt_from_the_histogram() -> None:
 def test_simulated_ceiling_is_the_latency_formula() -> None:
     latency = LatencyModel()
     ceiling = simulated_ceiling([40] * 10, max_new_tokens=10, latency=latency)
-    assert ceiling["rps"] == pytest.approx(40 / latency.batch_seconds(40, 10))
-    assert 1800 < ceiling["rps"] < 2000  # n / T(n, t) = 40 / 21 ms, about 1,905 requests/s
+    assert ceiling.rps == pytest.approx(40 / latency.batch_seconds(40, 10))
+    assert 1800 < ceiling.rps < 2000  # n / T(n, t) = 40 / 21 ms, about 1,905 requests/s
 
 
 def test_capacity_advice_from_a_sweep() -> None:
     sweep = [
-        {"users": 1, "rps": 7.0, "p99_s": 0.15},
-        {"users": 8, "rps": 60.0, "p99_s": 0.2},
-        {"users": 32, "rps": 130.0, "p99_s": 0.3},
-        {"users": 40, "rps": 138.0, "p99_s": 0.35},
-        {"users": 64, "rps": 140.0, "p99_s": 0.55},
-        {"users": 128, "rps": 141.0, "p99_s": 1.1},
-    ]
+        Row("ferry", users, rps, p50_s=0.0, p95_s=0.0, p99_s=p99, completed=0, failed=0)
+        for users, rps, p99 in (
+            (1, 7.0, 0.15), (8, 60.0, 0.2), (32, 130.0, 0.3), (40, 138.0, 0.35), (64, 140.0, 0.55), (128, 141.0, 1.1),
+        )
+    ]  # fmt: skip
     advice = report.capacity_advice(sweep)
     assert advice is not None
-    assert advice["knee_users"] == 32  # first point at >= 90 % of the best throughput
-    assert advice["container_concurrency"] == 64  # p99 within 2x the knee's
+    assert advice.knee_users == 32  # first point at >= 90 % of the best throughput
+    assert advice.container_concurrency == 64  # p99 within 2x the knee's
     text = report.capacity_yaml(advice, "a test")
     assert "target: 32" in text and "containerConcurrency: 64" in text and 'threshold: "32"' in text
 
@@ -239,3 +238,36 @@ Requests/sec:     53.47
 """
     result = parse(out, users=1)
     assert (result.rps, result.p50_s, result.p99_s, result.requests, result.non_2xx) == (53.47, 0.01813, 1.2, 107, 3)
+
+
+def _row(server: str, users: int, rps: float, **fields: object) -> Row:
+    return Row(server, users, rps, p50_s=0.1, p95_s=0.2, p99_s=0.3, completed=10, failed=0, **fields)  # type: ignore[arg-type]
+
+
+def test_summary_verdicts_and_json_from_typed_rows(tmp_path: Path) -> None:
+    from loadtest.bench import config_from_args
+    from loadtest.bench_results import Machine, Results
+    from loadtest.bench_summary import summarize, verdicts, write_outputs
+
+    cfg = config_from_args(["--levels", "1,40", "--servers", "ferry,naive,timer", "--out-dir", str(tmp_path)])
+    results = Results(
+        config={}, generator="test", machine=Machine(2, "cpu", "3.11", "4", (0.0, 0.0, 0.0)),
+        sweep={
+            "ferry": [_row("ferry", 1, 5.0, ceiling_rps=5.0), _row("ferry", 40, 100.0, ceiling_rps=100.0)],
+            "naive": [_row("naive", 1, 4.0), _row("naive", 40, 10.0)],
+            "timer": [_row("timer", 1, 2.0), _row("timer", 40, 50.0)],
+        },
+    )  # fmt: skip
+    results.summary = summary = summarize(cfg, results)
+    assert (summary.ferry_over_ceiling, summary.ferry_over_naive, summary.ferry_over_timer) == (1.0, 10.0, 2.0)
+    assert summary.ferry_over_timer_by_users == {1: 2.5, 40: 2.0}
+    assert summary.capacity is not None and summary.capacity.knee_users == 40
+    assert verdicts(cfg, summary)[:2] == [
+        "PASS  ferry / engine limit (its best configuration, same in flight) at 40 users = 1.00 (>= 0.95)",
+        "PASS  ferry / naive at 40 users = 10.0 (>= 8)",
+    ]
+    write_outputs(cfg, results)
+    written = json.loads((tmp_path / f"bench-{cfg.mode}.json").read_text())
+    assert written["sweep"]["ferry"][1]["ceiling_rps"] == 100.0
+    assert "sim_rps" not in written["summary"]  # not measured: left out, not null
+    assert "| ferry (CTranslate2) | 100.0 |" in (tmp_path / f"bench-{cfg.mode}.md").read_text()
