@@ -87,27 +87,30 @@ def favour_eos_from(embeddings: np.ndarray, positions: np.ndarray, eos_position:
     positions[:, 0] = np.where(np.arange(positions.shape[0]) < eos_position, -5.0, 5.0)
 
 
-def build_random(
-    out: Path, shape: OPTShape, *, kind: ModelKind, seed: int, quantization: str, eos_position: int = 0
-) -> Path:
-    """Mirrors CTranslate2's OPTLoader on seeded numpy weights. `eos_position` > 0: the model
-    emits the end token from that position on (see `favour_eos_from`)."""
+class _SeededWeights:
+    """Seeded numpy weights in the shapes CTranslate2's OPT spec expects."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+
+    def normal(self, *dims: int, std: float = 0.02) -> np.ndarray:
+        return self.rng.normal(0.0, std, size=dims).astype(np.float32)
+
+    def layer_norm(self, spec: Any, d: int) -> None:
+        # Tiny noise: optimize() aliases variables with equal values, which save() then rejects.
+        spec.gamma = (1.0 + self.normal(d, std=1e-3)).astype(np.float32)
+        spec.beta = self.normal(d, std=1e-3)
+
+    def linear(self, spec: Any, out_dim: int, in_dim: int) -> None:
+        spec.weight = self.normal(out_dim, in_dim)
+        spec.bias = self.normal(out_dim, std=1e-3)
+
+
+def _random_spec(shape: OPTShape, seed: int, eos_position: int) -> Any:
+    """Mirrors CTranslate2's OPTLoader on seeded numpy weights."""
     from ctranslate2.specs import common_spec, transformer_spec
 
-    rng = np.random.default_rng(seed)
-
-    def normal(*dims: int, std: float = 0.02) -> np.ndarray:
-        return rng.normal(0.0, std, size=dims).astype(np.float32)
-
-    def layer_norm(spec: Any, d: int) -> None:
-        # Tiny noise: optimize() aliases variables with equal values, which save() then rejects.
-        spec.gamma = (1.0 + normal(d, std=1e-3)).astype(np.float32)
-        spec.beta = normal(d, std=1e-3)
-
-    def linear(spec: Any, out_dim: int, in_dim: int) -> None:
-        spec.weight = normal(out_dim, in_dim)
-        spec.bias = normal(out_dim, std=1e-3)
-
+    weights = _SeededWeights(seed)
     spec = transformer_spec.TransformerDecoderModelSpec.from_config(
         shape.layers,
         shape.heads,
@@ -119,28 +122,36 @@ def build_random(
     d = shape.d_model
     decoder.scale_embeddings = False
     # OPT's learned position table has 2 extra leading rows (offset 2) that the converter drops.
-    positions = normal(shape.max_positions + 2, d)[2:]
-    embeddings = normal(shape.vocab_size, d)
+    positions = weights.normal(shape.max_positions + 2, d)[2:]
+    embeddings = weights.normal(shape.vocab_size, d)
     if eos_position:
         favour_eos_from(embeddings, positions, eos_position)
     decoder.position_encodings.encodings = np.ascontiguousarray(positions)
     decoder.embeddings.weight = embeddings
-    layer_norm(decoder.layer_norm, d)
+    weights.layer_norm(decoder.layer_norm, d)
     for layer in decoder.layer:
         attention = layer.self_attention
-        linear(attention.linear[0], 3 * d, d)  # fused q, k, v
-        linear(attention.linear[1], d, d)
-        layer_norm(attention.layer_norm, d)
-        linear(layer.ffn.linear_0, shape.ffn, d)
-        linear(layer.ffn.linear_1, d, shape.ffn)
-        layer_norm(layer.ffn.layer_norm, d)
+        weights.linear(attention.linear[0], 3 * d, d)  # fused q, k, v
+        weights.linear(attention.linear[1], d, d)
+        weights.layer_norm(attention.layer_norm, d)
+        weights.linear(layer.ffn.linear_0, shape.ffn, d)
+        weights.linear(layer.ffn.linear_1, d, shape.ffn)
+        weights.layer_norm(layer.ffn.layer_norm, d)
     decoder.projection.weight = embeddings  # tied to the embeddings, as OPT's lm_head is
     decoder.projection.bias = np.zeros(shape.vocab_size, dtype=np.float32)
-
     spec.register_vocabulary(opt_vocabulary(shape.vocab_size))
     spec.config.bos_token = EOS
     spec.config.eos_token = EOS
     spec.config.unk_token = "<unk>"
+    return spec
+
+
+def build_random(
+    out: Path, shape: OPTShape, *, kind: ModelKind, seed: int, quantization: str, eos_position: int = 0
+) -> Path:
+    """A model directory of seeded random weights. `eos_position` > 0: the model emits the end
+    token from that position on (see `favour_eos_from`)."""
+    spec = _random_spec(shape, seed, eos_position)
     spec.validate()
     spec.optimize(quantization=quantization)
     out.mkdir(parents=True, exist_ok=True)
