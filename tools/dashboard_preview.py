@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -58,6 +59,12 @@ def main() -> None:
 
     third = args.seconds / 3
     phases = (Phase(third, 2), Phase(third, 8), Phase(third, 24))
+    results, started = _collect(phases)
+    _plot(results, started, phases, args.out)
+
+
+def _collect(phases: tuple[Phase, ...]) -> tuple[dict[DashboardQuery, Any], float]:
+    """Every dashboard query over a ferry under `phases` of load, from a real Prometheus."""
     with tempfile.TemporaryDirectory(prefix="ferry-preview-") as tmp_name:
         tmp = Path(tmp_name)
         ferry = start_ferry(tmp, model_name=MODEL_NAME, **FERRY_SETTINGS)
@@ -81,7 +88,10 @@ def main() -> None:
         finally:
             ferry.process.kill()
             ferry.process.wait()
+    return results, load.started
 
+
+def _plot(results: dict[DashboardQuery, Any], started: float, phases: tuple[Phase, ...], out: Path) -> None:
     panels: dict[tuple[str, str], list[DashboardQuery]] = {}
     for query in results:
         panels.setdefault((query.row, query.panel), []).append(query)
@@ -91,7 +101,7 @@ def main() -> None:
     for ax, ((row, title), queries) in zip(axes.flat, panels.items(), strict=False):
         for query in queries:
             for series in results[query]:
-                points = [(float(t) - load.started, float(v)) for t, v in series["values"]]
+                points = [(float(t) - started, float(v)) for t, v in series["values"]]
                 points = [(t, v) for t, v in points if math.isfinite(v)]
                 if points:
                     xs, ys = zip(*points, strict=True)
@@ -112,9 +122,9 @@ def main() -> None:
         fontsize=9,
     )
     fig.tight_layout()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.out, dpi=60)
-    print(f"wrote {args.out} ({args.out.stat().st_size // 1024} KB, {len(results)} queries)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=60)
+    print(f"wrote {out} ({out.stat().st_size // 1024} KB, {len(results)} queries)")
 
 
 if __name__ == "__main__":
