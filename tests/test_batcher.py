@@ -210,26 +210,42 @@ async def test_stop_ends_the_consumer_cleanly_and_fails_queued_with_503(
 
 
 def test_gather_policy_never_waits_at_idle_and_waits_for_a_burst() -> None:
-    policy = GatherPolicy(max_wait_s=0.05, max_batch_size=50)
+    policy = GatherPolicy(max_wait_s=0.05, max_batch_size=50)  # one slot
     policy.observe_batch(0.06)
     policy.observe_in_flight(1)
-    assert policy.plan(queued=1, running=0, in_flight=1, free_slots=1) == (1, 0.0)  # a lone user
+    assert policy.plan(queued=1, running=0, in_flight=1, free_slots=1) == (1, 0.0, 1)  # a lone user
     policy.observe_in_flight(40)  # 40 closed-loop users: their answers went out as a burst
-    assert policy.plan(queued=1, running=0, in_flight=1, free_slots=1) == (40, 0.03)  # T/2
+    assert policy.plan(queued=1, running=0, in_flight=1, free_slots=1) == (40, 0.03, 40)  # T/2
     policy.observe_in_flight(40)
-    assert policy.plan(queued=1, running=0, in_flight=1, free_slots=2) == (20, 0.03)  # two slots share
-    policy.observe_in_flight(40)
-    assert policy.plan(queued=1, running=20, in_flight=21, free_slots=1) == (20, 0.03)
-    policy.observe_in_flight(40)
-    assert policy.plan(queued=40, running=0, in_flight=40, free_slots=1)[1] == 0.0  # all there: go
+    assert policy.plan(queued=40, running=0, in_flight=40, free_slots=1).window_s == 0.0  # all there: go
     # Traffic falls to one user: the remembered demand halves each dispatch.
-    targets = [policy.plan(queued=1, running=0, in_flight=1, free_slots=1)[0] for _ in range(6)]
+    targets = [policy.plan(queued=1, running=0, in_flight=1, free_slots=1).target for _ in range(6)]
     assert targets == [40, 20, 10, 5, 3, 2]  # 40 were in flight at the last busy dispatch
-    assert GatherPolicy(max_wait_s=0.0, max_batch_size=50).plan(1, 0, 40, 1)[1] == 0.0
+    assert GatherPolicy(max_wait_s=0.0, max_batch_size=50).plan(1, 0, 40, 1).window_s == 0.0
     capped = GatherPolicy(max_wait_s=0.01, max_batch_size=50)
     capped.observe_batch(1.0)
     capped.observe_in_flight(40)
-    assert capped.plan(queued=1, running=0, in_flight=1, free_slots=1) == (40, 0.01)  # the cap
+    assert capped.plan(queued=1, running=0, in_flight=1, free_slots=1) == (40, 0.01, 40)  # the cap
+
+
+def test_gather_policy_balances_two_slots_and_leaves_the_1_plus_39_trap() -> None:
+    policy = GatherPolicy(max_wait_s=0.05, max_batch_size=50, slots=2)
+    policy.observe_batch(0.06)
+    policy.observe_in_flight(40)
+    assert policy.plan(queued=1, running=0, in_flight=1, free_slots=2) == (20, 0.03, 20)  # two slots share
+    policy.observe_in_flight(40)
+    assert policy.plan(queued=1, running=20, in_flight=21, free_slots=1) == (20, 0.03, 20)
+    # The trap: one slot runs 39, the other's lone request came back. Only it can arrive now,
+    # so it goes at once...
+    policy.observe_in_flight(40)
+    assert policy.plan(queued=1, running=39, in_flight=40, free_slots=1) == (1, 0.0, 20)
+    # ...and when the 39 come back while the 1 runs, this slot takes its share, not all 39:
+    # the rest join the lone request's return, and the next cycle is 20 + 20.
+    policy.observe_in_flight(40)
+    assert policy.plan(queued=39, running=1, in_flight=40, free_slots=1) == (20, 0.0, 20)
+    many = GatherPolicy(max_wait_s=0.05, max_batch_size=50, slots=2)
+    many.observe_in_flight(128)
+    assert many.plan(queued=128, running=0, in_flight=128, free_slots=2).limit == 50  # max_batch_size
 
 
 async def test_a_returning_burst_is_gathered_into_one_batch() -> None:

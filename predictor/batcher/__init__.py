@@ -25,7 +25,7 @@ from predictor.batcher.errors import (
     QueueFull,
     Unavailable,
 )
-from predictor.batcher.gather import GatherPolicy
+from predictor.batcher.gather import GatherPlan, GatherPolicy
 from predictor.batcher.lanes import Lane
 from predictor.batcher.listener import BatchListener
 from predictor.batcher.stream import Event, GenerationRequest, RequestStream, TextDelta
@@ -39,6 +39,7 @@ __all__ = [
     "Draining",
     "EngineFailed",
     "Event",
+    "GatherPlan",
     "GatherPolicy",
     "GenerationRequest",
     "Lane",

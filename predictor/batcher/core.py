@@ -172,11 +172,10 @@ class Batcher:
     async def _consume(self, lane: Lane) -> None:
         while not self._stopping:
             if lane.busy < lane.slots and lane.queue:
-                free = lane.free_slots
-                target, window = lane.policy.plan(len(lane.queue), lane.running_requests, lane.in_flight, free)
-                if window > 0:
-                    await lane.gather(target, window)
-                batch = lane.take_batch(limit=max(target, 1) if free > 1 else self.max_batch_size)
+                plan = lane.policy.plan(len(lane.queue), lane.running_requests, lane.in_flight, lane.free_slots)
+                if plan.window_s > 0:
+                    await lane.gather(plan.target, plan.window_s)
+                batch = lane.take_batch(plan.limit)
                 if batch:
                     self._dispatch(lane, batch)
                 continue

@@ -35,7 +35,7 @@ class Lane:
         self.busy = 0  # slots running a call
         self.running_requests = 0  # requests in those calls
         self.in_flight = 0  # admitted to this lane and not answered
-        self.policy = GatherPolicy(max_wait_s, max_batch_size)
+        self.policy = GatherPolicy(max_wait_s, max_batch_size, slots)
         self.wake = asyncio.Event()  # a slot freed or a request arrived
         self._enough: asyncio.Future[None] | None = None  # set when the queue reaches the target
         self._gather_target = max_batch_size + 1  # no gathering in progress
