@@ -109,7 +109,7 @@ class FerryModel(kserve.Model):
         )
         if info.background_slots:
             log.info(
-                "background lane: %d idle-priority slot(s) for requests over %d new tokens",
+                "background lane: %d low-priority (nice 10) slot(s) for requests over %d new tokens",
                 info.background_slots,
                 self.settings.background_tokens,
             )

@@ -85,7 +85,7 @@ class Settings(BaseSettings):
         ge=0,
         le=2048,
         description="requests asking more new tokens than this, with no stream and no stop strings, run in the "
-        "background lane: on CPU, generators at idle priority that give the cores to shorter work at once; "
+        "background lane: on CPU, generators at low priority (nice 10) that give the cores to shorter work; "
         "0 = no background lane (on GPU there is none)",
     )
 

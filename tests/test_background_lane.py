@@ -1,4 +1,4 @@
-"""The background lane: long generations run on idle-priority generators (CPU) and never hold
+"""The background lane: long generations run on low-priority generators (CPU) and never hold
 short requests hostage; streams, stop strings and short requests stay interactive."""
 
 from __future__ import annotations
@@ -11,39 +11,40 @@ import pytest
 
 from predictor.batcher import GenerationRequest
 from predictor.engine import Collect, CTranslate2Engine, EngineItem, LatencyModel, Sampling, SimulatedEngine, ThreadPlan
-from predictor.engine.threads import at_idle_priority, idle_priority_supported
+from predictor.engine.threads import BACKGROUND_NICE, at_low_priority, low_priority_supported
 from tests.conftest import ensure_tiny_model
-from tests.helpers import running_batcher
+from tests.fakes import GatedEngine
+from tests.helpers import occupy, running_batcher
 
 PROMPT = ["</s>", "ĠHello", "ĠWorld"]
-needs_idle = pytest.mark.skipif(not idle_priority_supported(), reason="SCHED_IDLE is Linux-only")
+needs_nice = pytest.mark.skipif(not low_priority_supported(), reason="per-thread nice values are Linux's")
 
 
-def idle_threads() -> set[int]:
-    """Native ids of this process's threads running SCHED_IDLE."""
-    tids = {int(tid) for tid in os.listdir("/proc/self/task")}
-    idle = set()
-    for tid in tids:
+def low_priority_threads() -> set[int]:
+    """Native ids of this process's threads at the background lane's nice value."""
+    low = set()
+    for tid in os.listdir("/proc/self/task"):
         try:
-            if os.sched_getscheduler(tid) == os.SCHED_IDLE:
-                idle.add(tid)
+            if os.getpriority(os.PRIO_PROCESS, int(tid)) == BACKGROUND_NICE:
+                low.add(int(tid))
         except OSError:  # the thread ended meanwhile
             pass
-    return idle
+    return low
 
 
 def test_thread_plan_has_a_background_lane_on_cpu_only() -> None:
-    assert ThreadPlan.choose("cpu", None, None, 2).background == idle_priority_supported()
+    assert ThreadPlan.choose("cpu", None, None, 2).background == low_priority_supported()
     assert not ThreadPlan.choose("cpu", None, None, 2, background=False).background
     assert not ThreadPlan.choose("cuda", None, None, 16).background
 
 
-@needs_idle
-def test_at_idle_priority_returns_and_leaves_the_caller_alone() -> None:
-    assert at_idle_priority(lambda: os.sched_getscheduler(0)) == os.SCHED_IDLE
-    assert os.sched_getscheduler(0) != os.SCHED_IDLE
+@needs_nice
+def test_at_low_priority_returns_and_leaves_the_caller_alone() -> None:
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    assert at_low_priority(lambda: os.getpriority(os.PRIO_PROCESS, 0)) == BACKGROUND_NICE
+    assert os.getpriority(os.PRIO_PROCESS, 0) == own
     with pytest.raises(ZeroDivisionError):
-        at_idle_priority(lambda: 1 // 0)
+        at_low_priority(lambda: 1 // 0)
 
 
 @pytest.fixture(scope="module")
@@ -51,16 +52,16 @@ def tiny_model() -> Path:
     return ensure_tiny_model()
 
 
-@needs_idle
-def test_background_generators_run_at_idle_priority_and_answer_the_same(tiny_model: Path) -> None:
-    before = idle_threads()
+@needs_nice
+def test_background_generators_run_at_low_priority_and_answer_the_same(tiny_model: Path) -> None:
+    before = low_priority_threads()
     engine = CTranslate2Engine(tiny_model, name="tiny", device="cpu", compute_type="int8")
     try:
         assert engine.background_concurrency == engine.plan.slots
         assert engine.info.background_slots == engine.plan.slots
         # CTranslate2 starts each generator's worker threads in its constructor: the background
-        # generators' workers inherited SCHED_IDLE, the interactive ones did not.
-        assert len(idle_threads() - before) >= engine.plan.slots
+        # generators' workers inherited the builder's nice value, the interactive ones did not.
+        assert len(low_priority_threads() - before) >= engine.plan.slots
         answers = {}
         for background in (False, True):
             items = [EngineItem(list(PROMPT), 12, ignore_eos=True), EngineItem(list(PROMPT[:2]), 5, ignore_eos=True)]
@@ -76,11 +77,11 @@ def test_background_generators_run_at_idle_priority_and_answer_the_same(tiny_mod
 
 
 def test_no_background_generators_when_switched_off(tiny_model: Path) -> None:
-    before = idle_threads()
+    before = low_priority_threads()
     engine = CTranslate2Engine(tiny_model, name="tiny", device="cpu", compute_type="int8", background=False)
     try:
         assert engine.background_concurrency == 0
-        assert idle_threads() - before == set()
+        assert low_priority_threads() - before == set()
     finally:
         engine.close()
 
@@ -113,3 +114,18 @@ async def test_a_short_request_is_answered_while_a_long_batch_runs() -> None:
             assert not long.done
         output = await long_result
         assert len(output.tokens) == 100 and output.finish_reason == "length"
+
+
+async def test_a_lone_short_batch_takes_every_core_only_when_no_background_work_is_in_flight() -> None:
+    engine = GatedEngine(concurrency=2)
+    engine.background_concurrency = 1
+    async with running_batcher(engine, background_tokens=4, max_batch_wait_s=0) as batcher:
+        long = await occupy(batcher, engine, GenerationRequest(["</s>", "long"], 8))  # held at step 0
+        short = asyncio.create_task(batcher.generate(GenerationRequest(["</s>", "short"], 2)))
+        _, short_call = await asyncio.to_thread(engine.wait_for_calls, 2)
+        assert short_call.alone is False  # the long one is in the background lane
+        short_call.release.set()
+        assert (await short).text
+        await long.release()
+        await batcher.generate(GenerationRequest(["</s>", "again"], 2))
+        assert engine.calls[2].alone is True  # nothing else in flight

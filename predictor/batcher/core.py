@@ -96,7 +96,7 @@ class Batcher:
     def lane_for(self, request: GenerationRequest) -> Lane:
         """Long generations with no per-token work run in the background lane (see lanes.py);
         streams and stop strings stay interactive (their per-step callbacks need the GIL, which
-        an idle-priority thread must never hold)."""
+        a low-priority thread must never hold)."""
         background = self._background
         if background is not None and request.max_new_tokens > self.background_tokens and not request.needs_text:
             return background
@@ -183,7 +183,12 @@ class Batcher:
             await lane.wake.wait()
 
     def _dispatch(self, lane: Lane, batch: list[RequestStream]) -> None:
+        # Alone: the engine may give this call every core. Not while background work waits or
+        # runs: a lone short batch on every core at normal priority would leave the background
+        # lane nothing, and it is the least efficient use of the cores.
         alone = lane.busy == 0 and not lane.queue and lane.in_flight == len(batch)
+        if alone and not lane.background:
+            alone = all(other.in_flight == 0 for other in self._lanes if other is not lane)
         lane.busy += 1
         lane.running_requests += len(batch)
         metrics.SLOTS_BUSY.set(self._busy_slots())

@@ -1,10 +1,10 @@
 """A lane: one queue and the engine slots that serve it.
 
 The interactive lane takes every request by default. When the engine has a background lane
-(CPU: generators whose threads run at idle priority), long generations that need no per-token
-work go there: they use every cycle the interactive lane leaves and give the cores back the
-moment a short batch runs, so a 100-token batch never holds a 10-token one hostage, and no
-cycle is left idle (a slot kept free for short work would idle whenever none came).
+(CPU: generators whose threads run at nice 10), long generations that need no per-token work
+go there: they use the cycles the interactive lane leaves, and the kernel gives the cores to a
+short batch as soon as one runs, so a 100-token batch never holds a 10-token one hostage, and
+no cycle is left idle (a slot kept free for short work would idle whenever none came).
 """
 
 from __future__ import annotations

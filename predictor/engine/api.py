@@ -94,7 +94,7 @@ class ModelInfo:
     slots: int = 1
     threads_per_slot: int = 0  # 0: the engine decides (GPU)
     lone_batch_threads: int = 0  # threads a batch gets when it runs alone (0: same as per slot)
-    background_slots: int = 0  # slots of the idle-priority lane for long generations (0: none)
+    background_slots: int = 0  # slots of the low-priority lane for long generations (0: none)
 
     @property
     def real_weights(self) -> bool:
@@ -158,7 +158,7 @@ class Engine(Protocol):
     ) -> None:
         """Blocking. Calls listener.on_done exactly once per item, or raises. `alone`: no other
         call of its lane runs now, so this one may use every thread the lane has. `background`:
-        the call runs in the idle-priority lane, without per-step callbacks (no per-token
+        the call runs in the low-priority lane, without per-step callbacks (no per-token
         items; shorter sequences are answered when the call ends)."""
         ...
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from predictor.build_model import read_manifest
 from predictor.engine.api import EngineItem, GenerationListener, ModelInfo, Sampling, TokenLogprob
-from predictor.engine.threads import ThreadPlan, at_idle_priority, cpu_cores, resolve_compute_type, resolve_device
+from predictor.engine.threads import ThreadPlan, at_low_priority, cpu_cores, resolve_compute_type, resolve_device
 from predictor.engine.tracker import Renumbered, SequenceTracker
 from predictor.tokenizer import EOS, shared_tokenizer
 
@@ -87,7 +87,7 @@ class CTranslate2Engine:
             return _Generators(generator(self.plan.slots, self.plan.threads_per_slot), lone)
 
         self._interactive = generators()
-        self._background = at_idle_priority(generators) if self.plan.background else None
+        self._background = at_low_priority(generators) if self.plan.background else None
         self.concurrency = self.plan.slots
         self.background_concurrency = self.plan.slots if self.plan.background else 0
         self.tokenizer = shared_tokenizer()
@@ -199,8 +199,8 @@ class CTranslate2Engine:
         # The per-step callback is what answers short requests early, streams text and stops
         # abandoned sequences; each call takes the GIL from the engine thread, which waits behind
         # a busy event loop. A batch of equal lengths with no per-token item runs without it.
-        # A background call never takes it: an idle-priority thread holding the GIL while the
-        # interactive threads keep both cores would stall the event loop (priority inversion).
+        # A background call never takes it: a low-priority thread holding the GIL while the
+        # interactive threads keep the cores would stall the event loop (priority inversion).
         per_step = not background and any(item.per_token or item.max_new_tokens != longest for item in items)
         lane = self._background if background and self._background is not None else self._interactive
         generator = lane.lone if alone and lane.lone is not None else lane.shared

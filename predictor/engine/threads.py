@@ -64,9 +64,9 @@ class ThreadPlan:
     slots: int
     threads_per_slot: int
     lone_threads: int = 0
-    # A second set of the same generators whose threads run at idle CPU priority, for long
-    # generations: they use every cycle the interactive generators leave, and yield the cores
-    # to them at once, so a long batch never holds a short one hostage (see `background_lane`).
+    # A second set of the same generators whose threads run at low CPU priority, for long
+    # generations: they use the cycles the interactive generators leave and yield the cores to
+    # them, so a long batch never holds a short one hostage (predictor/batcher/lanes.py).
     background: bool = False
 
     @classmethod
@@ -79,7 +79,7 @@ class ThreadPlan:
         core). On GPU: one slot (one stream); the CPU threads only feed it."""
         if device == "cuda":  # CPU priority does not order GPU kernels: no background lane
             return cls(inter or 1, intra or 1, background=bool(background))
-        background = idle_priority_supported() if background is None else background
+        background = low_priority_supported() if background is None else background
         if inter is None:
             inter = 2 if cores >= 2 else 1
         if intra is None:
@@ -89,21 +89,27 @@ class ThreadPlan:
         return cls(inter, intra, background=background)
 
 
-def idle_priority_supported() -> bool:
-    return hasattr(os, "sched_setscheduler") and hasattr(os, "SCHED_IDLE")
+# The background lane's threads: nice 10 weighs 110 against nice 0's 1024, so short work gets
+# about nine tenths of a core it shares, and long work is never starved into its deadline (as
+# SCHED_IDLE would let it be under sustained short load; measured alike on mixed lengths).
+BACKGROUND_NICE = 10
 
 
-def at_idle_priority(build: Callable[[], T]) -> T:
-    """Runs `build` in a new thread switched to SCHED_IDLE (Linux; no privilege needed) and
-    returns its result. Threads it creates inherit the policy: CTranslate2 starts a generator's
+def low_priority_supported() -> bool:
+    return hasattr(os, "setpriority") and hasattr(os, "PRIO_PROCESS") and hasattr(threading, "get_native_id")
+
+
+def at_low_priority(build: Callable[[], T], nice: int = BACKGROUND_NICE) -> T:
+    """Runs `build` in a new thread at `nice` and returns its result. On Linux the nice value
+    belongs to the thread and threads it creates inherit it: CTranslate2 starts a generator's
     worker threads in its constructor, and those start their OpenMP team (libgomp) themselves.
-    The switch is one way: an unprivileged thread cannot leave SCHED_IDLE."""
+    The change is one way: an unprivileged thread cannot lower its nice value again."""
     box: dict[str, T] = {}
     failure: list[BaseException] = []
 
     def run() -> None:
         try:
-            os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
         except (OSError, AttributeError) as exc:  # not Linux, or a seccomp filter refuses it
             log.warning("background generators run at normal priority: %s", exc)
         try:
@@ -111,7 +117,7 @@ def at_idle_priority(build: Callable[[], T]) -> T:
         except BaseException as exc:  # re-raised in the caller's thread
             failure.append(exc)
 
-    thread = threading.Thread(target=run, name="ferry-idle-builder")
+    thread = threading.Thread(target=run, name="ferry-background-builder")
     thread.start()
     thread.join()
     if failure:
