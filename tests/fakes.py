@@ -6,7 +6,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from predictor.engine import EngineItem, GenerationListener, ModelInfo, Sampling, SequenceTracker
+from predictor.engine import SHARED, EngineItem, GenerationListener, ModelInfo, Placement, Sampling, SequenceTracker
 
 WAIT_S = 10.0  # upper bound for any event wait; a test that needs it has failed
 
@@ -71,10 +71,9 @@ class GatedEngine:
         items: Sequence[EngineItem],
         sampling: Sampling,
         listener: GenerationListener,
-        alone: bool = False,
-        background: bool = False,
+        placement: Placement = SHARED,
     ) -> None:
-        call = Call(list(items), sampling, self.hold_at_step, alone)
+        call = Call(list(items), sampling, self.hold_at_step, placement.alone)
         with self.call_started:
             number = len(self.calls)
             self.calls.append(call)

@@ -10,7 +10,16 @@ from pathlib import Path
 import pytest
 
 from predictor.batcher import GenerationRequest
-from predictor.engine import Collect, CTranslate2Engine, EngineItem, LatencyModel, Sampling, SimulatedEngine, ThreadPlan
+from predictor.engine import (
+    Collect,
+    CTranslate2Engine,
+    EngineItem,
+    LatencyModel,
+    Placement,
+    Sampling,
+    SimulatedEngine,
+    ThreadPlan,
+)
 from predictor.engine.threads import BACKGROUND_NICE, at_low_priority, low_priority_supported
 from tests.conftest import ensure_tiny_model
 from tests.fakes import GatedEngine
@@ -66,7 +75,7 @@ def test_background_generators_run_at_low_priority_and_answer_the_same(tiny_mode
         for background in (False, True):
             items = [EngineItem(list(PROMPT), 12, ignore_eos=True), EngineItem(list(PROMPT[:2]), 5, ignore_eos=True)]
             collect = Collect(len(items))
-            engine.generate(items, Sampling(), collect, False, background)
+            engine.generate(items, Sampling(), collect, Placement(background=background))
             answers[background] = [(o.tokens, o.finish_reason) for o in collect.outputs if o is not None]
         # A background call runs without per-step callbacks; the shorter sequence is still cut
         # at its own count.

@@ -15,7 +15,7 @@ from predictor.batcher.errors import DeadlineExceeded, Draining, EngineFailed, Q
 from predictor.batcher.lanes import Lane
 from predictor.batcher.listener import BatchListener
 from predictor.batcher.stream import GenerationRequest, RequestStream
-from predictor.engine import Engine, EngineItem, EngineOutput
+from predictor.engine import Engine, EngineItem, EngineOutput, Placement
 from predictor.tokenizer import shared_tokenizer
 
 log = logging.getLogger("ferry.batcher")
@@ -201,11 +201,10 @@ class Batcher:
         items = self._plan_call(batch)
         listener = BatchListener(loop, self._deliver, batch, self._series.inter_token)
         generated_before = sum(len(item.generated) for item in items)
-        # `background` only when set: engines without a background lane keep the shorter call.
-        lane_args = (True,) if lane.background else ()
         # Submitted now, not from the task: the engine starts without waiting for a loop turn.
+        placement = Placement(alone, lane.background)
         call = loop.run_in_executor(
-            self._executor, self.engine.generate, items, batch[0].request.sampling, listener, alone, *lane_args
+            self._executor, self.engine.generate, items, batch[0].request.sampling, listener, placement
         )
         task = asyncio.create_task(self._run_batch(lane, batch, items, listener, call, started, generated_before))
         # The engine is busy from here: the loop's bookkeeping costs no cycle time now.

@@ -11,6 +11,7 @@ and thread layout; ctranslate2_engine: the real engine; simulated: the GPU-speed
 
 from predictor.engine.api import (
     GREEDY,
+    SHARED,
     Collect,
     Decode,
     Engine,
@@ -19,6 +20,7 @@ from predictor.engine.api import (
     FinishReason,
     GenerationListener,
     ModelInfo,
+    Placement,
     Sampling,
     TokenLogprob,
 )
@@ -30,6 +32,7 @@ from predictor.engine.tracker import Renumbered, SequenceTracker
 __all__ = [
     "GREEDY",
     "LOGPROB_TOKEN_BUDGET",
+    "SHARED",
     "CTranslate2Engine",
     "Collect",
     "Decode",
@@ -40,6 +43,7 @@ __all__ = [
     "GenerationListener",
     "LatencyModel",
     "ModelInfo",
+    "Placement",
     "Renumbered",
     "Sampling",
     "SequenceTracker",

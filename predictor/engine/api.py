@@ -141,6 +141,19 @@ class Collect:
         pass
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where an engine call runs. `alone`: no other call of its lane runs now, so it may use every
+    thread the lane has. `background`: the low-priority lane, without per-step callbacks (no
+    per-token items; shorter sequences are answered when the call ends)."""
+
+    alone: bool = False
+    background: bool = False
+
+
+SHARED = Placement()  # an interactive slot, beside other calls
+
+
 class Engine(Protocol):
     concurrency: int  # calls at once
     background_concurrency: int  # calls at once in the background lane (0: it has none)
@@ -153,13 +166,9 @@ class Engine(Protocol):
         items: Sequence[EngineItem],
         sampling: Sampling,
         listener: GenerationListener,
-        alone: bool = False,
-        background: bool = False,
+        placement: Placement = SHARED,
     ) -> None:
-        """Blocking. Calls listener.on_done exactly once per item, or raises. `alone`: no other
-        call of its lane runs now, so this one may use every thread the lane has. `background`:
-        the call runs in the low-priority lane, without per-step callbacks (no per-token
-        items; shorter sequences are answered when the call ends)."""
+        """Blocking. Calls listener.on_done exactly once per item, or raises."""
         ...
 
     def close(self) -> None: ...

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from predictor.build_model import read_manifest
-from predictor.engine.api import EngineItem, GenerationListener, ModelInfo, Sampling, TokenLogprob
+from predictor.engine.api import SHARED, EngineItem, GenerationListener, ModelInfo, Placement, Sampling, TokenLogprob
 from predictor.engine.threads import ThreadPlan, at_low_priority, cpu_cores, resolve_compute_type, resolve_device
 from predictor.engine.tracker import Renumbered, SequenceTracker
 from predictor.tokenizer import EOS, shared_tokenizer
@@ -173,14 +173,13 @@ class CTranslate2Engine:
         items: Sequence[EngineItem],
         sampling: Sampling,
         listener: GenerationListener,
-        alone: bool = False,
-        background: bool = False,
+        placement: Placement = SHARED,
     ) -> None:
         groups = _eos_groups(items)
         if groups is not None:
             for indices in groups:
                 part = [items[i] for i in indices]
-                self.generate(part, sampling, Renumbered(listener, indices), alone, background)
+                self.generate(part, sampling, Renumbered(listener, indices), placement)
             return
         tracker = SequenceTracker(items, listener, self.tokenizer.decode, self.end_token)
         longest = max(item.max_new_tokens for item in items)
@@ -201,9 +200,9 @@ class CTranslate2Engine:
         # a busy event loop. A batch of equal lengths with no per-token item runs without it.
         # A background call never takes it: a low-priority thread holding the GIL while the
         # interactive threads keep the cores would stall the event loop (priority inversion).
-        per_step = not background and any(item.per_token or item.max_new_tokens != longest for item in items)
-        lane = self._background if background and self._background is not None else self._interactive
-        generator = lane.lone if alone and lane.lone is not None else lane.shared
+        per_step = not placement.background and any(item.per_token or item.max_new_tokens != longest for item in items)
+        lane = self._background if placement.background and self._background is not None else self._interactive
+        generator = lane.lone if placement.alone and lane.lone is not None else lane.shared
         # ignore_eos: min_length = max_length, exactly the requested count (EOS cannot end it);
         # otherwise CTranslate2 ends each sequence at the end token, returned so it is counted.
         # Shorter sequences are stopped through the callback when their own count is reached.

@@ -9,7 +9,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from predictor.engine.api import EngineItem, GenerationListener, ModelInfo, Sampling, TokenLogprob
+from predictor.engine.api import SHARED, EngineItem, GenerationListener, ModelInfo, Placement, Sampling, TokenLogprob
 from predictor.engine.tracker import SequenceTracker
 from predictor.tokenizer import EOS, shared_tokenizer
 
@@ -88,8 +88,7 @@ class SimulatedEngine:
         items: Sequence[EngineItem],
         sampling: Sampling,
         listener: GenerationListener,
-        alone: bool = False,
-        background: bool = False,
+        placement: Placement = SHARED,
     ) -> None:
         tracker = SequenceTracker(items, listener, self.tokenizer.decode)
         call = next(self._calls)
@@ -97,8 +96,8 @@ class SimulatedEngine:
         words = [self.words_of(item.prompt_tokens) for item in items]
         longest = max(item.max_new_tokens for item in items)
         # Like CTranslate2Engine: per-step work only when an item needs it, never in the background.
-        per_step = not background and any(item.per_token or item.max_new_tokens != longest for item in items)
-        with self._background_slots if background else self._slots:
+        per_step = not placement.background and any(item.per_token or item.max_new_tokens != longest for item in items)
+        with self._background_slots if placement.background else self._slots:
             deadline = time.monotonic() + self.latency.prefill_s
             if self.fail_every and call % self.fail_every == 0:
                 _sleep_until(deadline)
