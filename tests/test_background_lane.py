@@ -68,15 +68,17 @@ def test_background_generators_run_at_low_priority_and_answer_the_same(tiny_mode
     try:
         assert engine.background_concurrency == engine.plan.slots
         assert engine.info.background_slots == engine.plan.slots
-        # CTranslate2 starts each generator's worker threads in its constructor: the background
-        # generators' workers inherited the builder's nice value, the interactive ones did not.
-        assert len(low_priority_threads() - before) >= engine.plan.slots
         answers = {}
         for background in (False, True):
+            # The background generators are built on the first background call, not before.
+            assert low_priority_threads() - before == set()
             items = [EngineItem(list(PROMPT), 12, ignore_eos=True), EngineItem(list(PROMPT[:2]), 5, ignore_eos=True)]
             collect = Collect(len(items))
             engine.generate(items, Sampling(), collect, Placement(background=background))
             answers[background] = [(o.tokens, o.finish_reason) for o in collect.outputs if o is not None]
+        # CTranslate2 starts each generator's worker threads in its constructor: the background
+        # generators' workers inherited the builder's nice value, the interactive ones did not.
+        assert len(low_priority_threads() - before) >= engine.plan.slots
         # A background call runs without per-step callbacks; the shorter sequence is still cut
         # at its own count.
         assert answers[True] == answers[False]

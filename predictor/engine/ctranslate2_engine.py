@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +13,14 @@ from typing import Any
 
 from predictor.build_model import read_manifest
 from predictor.engine.api import SHARED, EngineItem, GenerationListener, ModelInfo, Placement, Sampling, TokenLogprob
-from predictor.engine.threads import ThreadPlan, at_low_priority, cpu_cores, resolve_compute_type, resolve_device
+from predictor.engine.threads import (
+    BACKGROUND_NICE,
+    ThreadPlan,
+    at_low_priority,
+    cpu_cores,
+    resolve_compute_type,
+    resolve_device,
+)
 from predictor.engine.tracker import Renumbered, SequenceTracker
 from predictor.tokenizer import EOS, shared_tokenizer
 
@@ -87,7 +96,11 @@ class CTranslate2Engine:
             return _Generators(generator(self.plan.slots, self.plan.threads_per_slot), lone)
 
         self._interactive = generators()
-        self._background = at_low_priority(generators) if self.plan.background else None
+        # Built on the first long request, not at start-up: measured at 40 users of short
+        # requests, a server holding the idle background generators answered about 4 % fewer.
+        self._build_background = functools.partial(at_low_priority, generators)
+        self._background: _Generators | None = None
+        self._background_lock = threading.Lock()
         self.concurrency = self.plan.slots
         self.background_concurrency = self.plan.slots if self.plan.background else 0
         self.tokenizer = shared_tokenizer()
@@ -201,7 +214,7 @@ class CTranslate2Engine:
         # A background call never takes it: a low-priority thread holding the GIL while the
         # interactive threads keep the cores would stall the event loop (priority inversion).
         per_step = not placement.background and any(item.per_token or item.max_new_tokens != longest for item in items)
-        lane = self._background if placement.background and self._background is not None else self._interactive
+        lane = self._background_generators() if placement.background else self._interactive
         generator = lane.lone if placement.alone and lane.lone is not None else lane.shared
         # ignore_eos: min_length = max_length, exactly the requested count (EOS cannot end it);
         # otherwise CTranslate2 ends each sequence at the end token, returned so it is counted.
@@ -222,6 +235,15 @@ class CTranslate2Engine:
             else:
                 tracker.complete(index, result.sequences[0])
         tracker.finish_all()
+
+    def _background_generators(self) -> _Generators:
+        if not self.plan.background:
+            return self._interactive
+        with self._background_lock:  # both background slots may ask at once
+            if self._background is None:
+                self._background = self._build_background()
+                log.info("background generators built (nice %d)", BACKGROUND_NICE)
+            return self._background
 
     def close(self) -> None:
         for lane in (self._interactive, self._background):
