@@ -67,13 +67,9 @@ class GatedEngine:
         return " ".join(tokens)
 
     def generate(
-        self,
-        items: Sequence[EngineItem],
-        sampling: Sampling,
-        listener: GenerationListener,
-        placement: Placement = SHARED,
+        self, items: Sequence[EngineItem], sampling: Sampling, listener: GenerationListener, where: Placement = SHARED
     ) -> None:
-        call = Call(list(items), sampling, self.hold_at_step, placement.alone)
+        call = Call(list(items), sampling, self.hold_at_step, where.alone)
         with self.call_started:
             number = len(self.calls)
             self.calls.append(call)

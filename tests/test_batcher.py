@@ -251,7 +251,7 @@ def test_gather_policy_balances_two_slots_and_leaves_the_1_plus_39_trap() -> Non
 async def test_a_returning_burst_is_gathered_into_one_batch() -> None:
     engine = GatedEngine()
     async with running_batcher(engine, max_batch_size=8, max_batch_wait_s=WAIT_S) as batcher:
-        batcher._policy.batch_seconds = 4 * WAIT_S  # a slow engine: the window is the WAIT_S cap
+        batcher._interactive.policy.batch_seconds = 4 * WAIT_S  # a slow engine: the window is the WAIT_S cap
         first = await occupy(batcher, engine, req("first"))
         users = [asyncio.create_task(batcher.generate(req(f"u{i}"))) for i in range(3)]
         await asyncio.sleep(0)

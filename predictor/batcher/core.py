@@ -47,7 +47,7 @@ class Batcher:
         self._interactive = Lane(
             "interactive", self.slots, background=False, max_batch_size=max_batch_size, max_wait_s=max_batch_wait_s
         )
-        background_slots = getattr(engine, "background_concurrency", 0) if background_tokens > 0 else 0
+        background_slots = engine.background_concurrency if background_tokens > 0 else 0
         self._background = (
             Lane(
                 "background",
@@ -60,7 +60,6 @@ class Batcher:
             else None
         )
         self._lanes = [lane for lane in (self._interactive, self._background) if lane is not None]
-        self._policy = self._interactive.policy
         # ferry's own pool: engine calls never wait behind KServe's default executor.
         workers = sum(lane.slots for lane in self._lanes)
         self._executor = executor or ThreadPoolExecutor(workers, thread_name_prefix="ferry-engine")

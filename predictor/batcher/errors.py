@@ -41,5 +41,3 @@ class EngineFailed(BatcherError):
         super().__init__(
             f"the engine failed on this request's batch (error id {self.error_id}); the details are in the server log"
         )
-
-

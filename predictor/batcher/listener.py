@@ -65,5 +65,3 @@ class BatchListener:
     def take(self) -> list[tuple[RequestStream, str | EngineOutput]]:
         pending, self.pending = self.pending, []
         return pending
-
-

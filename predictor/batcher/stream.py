@@ -177,5 +177,3 @@ class RequestStream:
         self._timer.cancel()
         self._batcher._finished(self)
         self._wake()
-
-

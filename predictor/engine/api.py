@@ -162,11 +162,7 @@ class Engine(Protocol):
     def tokenize(self, text: str) -> list[str]: ...
 
     def generate(
-        self,
-        items: Sequence[EngineItem],
-        sampling: Sampling,
-        listener: GenerationListener,
-        placement: Placement = SHARED,
+        self, items: Sequence[EngineItem], sampling: Sampling, listener: GenerationListener, where: Placement = SHARED
     ) -> None:
         """Blocking. Calls listener.on_done exactly once per item, or raises."""
         ...

@@ -182,17 +182,13 @@ class CTranslate2Engine:
         return self._vocab
 
     def generate(
-        self,
-        items: Sequence[EngineItem],
-        sampling: Sampling,
-        listener: GenerationListener,
-        placement: Placement = SHARED,
+        self, items: Sequence[EngineItem], sampling: Sampling, listener: GenerationListener, where: Placement = SHARED
     ) -> None:
         groups = _eos_groups(items)
         if groups is not None:
             for indices in groups:
                 part = [items[i] for i in indices]
-                self.generate(part, sampling, Renumbered(listener, indices), placement)
+                self.generate(part, sampling, Renumbered(listener, indices), where)
             return
         tracker = SequenceTracker(items, listener, self.tokenizer.decode, self.end_token)
         longest = max(item.max_new_tokens for item in items)
@@ -213,9 +209,9 @@ class CTranslate2Engine:
         # a busy event loop. A batch of equal lengths with no per-token item runs without it.
         # A background call never takes it: a low-priority thread holding the GIL while the
         # interactive threads keep the cores would stall the event loop (priority inversion).
-        per_step = not placement.background and any(item.per_token or item.max_new_tokens != longest for item in items)
-        lane = self._background_generators() if placement.background else self._interactive
-        generator = lane.lone if placement.alone and lane.lone is not None else lane.shared
+        per_step = not where.background and any(item.per_token or item.max_new_tokens != longest for item in items)
+        lane = self._background_generators() if where.background else self._interactive
+        generator = lane.lone if where.alone and lane.lone is not None else lane.shared
         # ignore_eos: min_length = max_length, exactly the requested count (EOS cannot end it);
         # otherwise CTranslate2 ends each sequence at the end token, returned so it is counted.
         # Shorter sequences are stopped through the callback when their own count is reached.

@@ -54,9 +54,7 @@ class SimulatedEngine:
         self.end_token = EOS
         self._calls = itertools.count(1)
         self.tokenizer = shared_tokenizer()
-        self.info = ModelInfo(
-            name=name, kind="simulated", device="simulated", compute_type="none", slots=concurrency
-        )
+        self.info = ModelInfo(name=name, kind="simulated", device="simulated", compute_type="none", slots=concurrency)
         self._slots = threading.Semaphore(concurrency)  # like CUDA streams: extra calls wait
         self._background_slots = threading.Semaphore(max(background_concurrency, 1))
 
@@ -84,11 +82,7 @@ class SimulatedEngine:
         return cycle[position % len(cycle)]
 
     def generate(
-        self,
-        items: Sequence[EngineItem],
-        sampling: Sampling,
-        listener: GenerationListener,
-        placement: Placement = SHARED,
+        self, items: Sequence[EngineItem], sampling: Sampling, listener: GenerationListener, where: Placement = SHARED
     ) -> None:
         tracker = SequenceTracker(items, listener, self.tokenizer.decode)
         call = next(self._calls)
@@ -96,8 +90,8 @@ class SimulatedEngine:
         words = [self.words_of(item.prompt_tokens) for item in items]
         longest = max(item.max_new_tokens for item in items)
         # Like CTranslate2Engine: per-step work only when an item needs it, never in the background.
-        per_step = not placement.background and any(item.per_token or item.max_new_tokens != longest for item in items)
-        with self._background_slots if placement.background else self._slots:
+        per_step = not where.background and any(item.per_token or item.max_new_tokens != longest for item in items)
+        with self._background_slots if where.background else self._slots:
             deadline = time.monotonic() + self.latency.prefill_s
             if self.fail_every and call % self.fail_every == 0:
                 _sleep_until(deadline)

@@ -8,6 +8,7 @@ import math
 import os
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -104,22 +105,12 @@ def at_low_priority(build: Callable[[], T], nice: int = BACKGROUND_NICE) -> T:
     belongs to the thread and threads it creates inherit it: CTranslate2 starts a generator's
     worker threads in its constructor, and those start their OpenMP team (libgomp) themselves.
     The change is one way: an unprivileged thread cannot lower its nice value again."""
-    box: dict[str, T] = {}
-    failure: list[BaseException] = []
 
-    def run() -> None:
+    def lower_priority() -> None:
         try:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
         except (OSError, AttributeError) as exc:  # not Linux, or a seccomp filter refuses it
             log.warning("background generators run at normal priority: %s", exc)
-        try:
-            box["value"] = build()
-        except BaseException as exc:  # re-raised in the caller's thread
-            failure.append(exc)
 
-    thread = threading.Thread(target=run, name="ferry-background-builder")
-    thread.start()
-    thread.join()
-    if failure:
-        raise failure[0]
-    return box["value"]
+    with ThreadPoolExecutor(1, thread_name_prefix="ferry-background-builder", initializer=lower_priority) as pool:
+        return pool.submit(build).result()
