@@ -79,7 +79,7 @@ class ThreadPlan:
         plus an all-core generator for a batch that runs alone (batch 1 is fastest with every
         core). On GPU: one slot (one stream); the CPU threads only feed it."""
         if device == "cuda":  # CPU priority does not order GPU kernels: no background lane
-            return cls(inter or 1, intra or 1, background=bool(background))
+            return cls(inter or 1, intra or 1)
         background = low_priority_supported() if background is None else background
         if inter is None:
             inter = 2 if cores >= 2 else 1
