@@ -246,16 +246,25 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def cut_stalled(self) -> None:
         """Shutdown: a connection still sending its request is answered 503 and closed; one
-        between requests is closed; one whose request is being served is left to finish."""
+        between requests is closed; one whose request is being served is left to finish; a new
+        one that has sent nothing yet is left to send it (answered 503 at its headers, within
+        the header timeout): closing it would reach its client as a dropped request."""
         if self._rejected or self.transport is None or self.transport.is_closing():
             return
         cycle = self.cycle
         if self._in_body or (self._in_head and self._started):
             retry = str(self.GUARD.retry_after_s).encode()
             self._reject(503, "server is shutting down", "shutdown", [(b"retry-after", retry)])
-        elif cycle is None or cycle.response_complete:  # between requests, or nothing sent yet
+        elif cycle is not None and cycle.response_complete:  # between requests
             self._disarm()
             self.transport.close()
+
+    def shutdown(self) -> None:
+        """uvicorn's graceful shutdown closes a connection with no request in progress; a new
+        one that has sent nothing yet is kept, as in `cut_stalled`, while ferry answers 503."""
+        if self.GUARD.closing and self.cycle is None and not self._in_head and not self._rejected:
+            return
+        super().shutdown()
 
 
 def _close_idle(connections: Any, keep: Any) -> None:
