@@ -13,6 +13,7 @@ import itertools
 import logging
 import os
 import re
+from collections.abc import Iterable
 from contextvars import ContextVar, Token
 from typing import Any
 
@@ -53,6 +54,17 @@ def accept_traceparent(value: str | bytes | None) -> str | None:
     if value and _VALID_TRACEPARENT.fullmatch(value.strip().lower()):
         return value.strip().lower()
     return None
+
+
+def ids_from_headers(headers: Iterable[tuple[bytes, bytes]]) -> tuple[str, str | None]:
+    """The request id (the client's X-Request-Id when usable, else a new one) and traceparent."""
+    request_id = traceparent = None
+    for name, value in headers:
+        if name == REQUEST_ID_HEADER:
+            request_id = value
+        elif name == TRACEPARENT_HEADER:
+            traceparent = value
+    return accept_request_id(request_id), accept_traceparent(traceparent)
 
 
 def bind(request_id: str, traceparent: str | None = None) -> tuple[Token[str | None], Token[str | None]]:

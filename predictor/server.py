@@ -36,6 +36,7 @@ from predictor.auth import ApiKey, GuardInterceptor
 from predictor.dataplane import FerryDataPlane
 from predictor.front import Front, Route
 from predictor.front.app import plain_error
+from predictor.front.direct import direct_task
 from predictor.front.guard import GuardConfig, cut_stalled, protocol_class
 from predictor.front.kserve_errors import REPOSITORY_PREFIX, FerryRESTServer
 from predictor.grpc_server import BoundGRPCServer
@@ -102,8 +103,8 @@ def front_routes(model: FerryModel) -> dict[tuple[str, str], Route]:
         return await openai.chat_completions(model, body)
 
     return {
-        ("POST", "/generate"): Route(generate_route),
-        ("POST", f"/v1/models/{model.name}:predict"): Route(v1_route),
+        ("POST", "/generate"): Route(generate_route, direct=True),
+        ("POST", f"/v1/models/{model.name}:predict"): Route(v1_route, direct=True),
         ("POST", f"{openai.DEFAULT_PREFIX}/v1/completions"): Route(
             openai_route, openai.error_status_and_body, "openai", model.observe
         ),
@@ -221,7 +222,7 @@ class FerryModelServer(kserve.ModelServer):
         # After uvicorn's and KServe's logging set-up: request ids (and JSON lines) on every handler.
         configure_logging(self.settings.log_format)
         logsafe.install()  # client text escaped and truncated on every log line
-        rest.config.app = Front(
+        front = Front(
             kserve_app,
             routes,
             max_body_bytes=self.settings.max_body_bytes,
@@ -231,6 +232,9 @@ class FerryModelServer(kserve.ModelServer):
             blocked_prefixes=() if self.settings.control_routes else (REPOSITORY_PREFIX,),
             before_scrape=functools.partial(_flush_observations, ferry_models),
         )
+        rest.config.app = front
+        if not self.settings.access_log:  # access lines (and X-Forwarded-For) come from ASGI
+            self._guard.direct = functools.partial(direct_task, front)
         self._drain_on_signal(rest, ferry_models)
         self._rest_server = rest
         self.servers.append(rest.start())

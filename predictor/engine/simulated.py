@@ -84,30 +84,36 @@ class SimulatedEngine:
     def generate(
         self, items: Sequence[EngineItem], sampling: Sampling, listener: GenerationListener, where: Placement = SHARED
     ) -> None:
-        tracker = SequenceTracker(items, listener, self.tokenizer.decode)
+        tracker = SequenceTracker(items, listener, self.tokenizer.decode)  # ferry's work, not the device's
         call = next(self._calls)
         _precise_sleeps()
-        words = [self.words_of(item.prompt_tokens) for item in items]
         longest = max(item.max_new_tokens for item in items)
         # Like CTranslate2Engine: per-step work only when an item needs it, never in the background.
         per_step = not where.background and any(item.per_token or item.max_new_tokens != longest for item in items)
         with self._background_slots if where.background else self._slots:
             deadline = time.monotonic() + self.latency.prefill_s
+            # The simulated device's own work (its answers) is done while it "runs".
+            words = [self.words_of(item.prompt_tokens) for item in items]
             if self.fail_every and call % self.fail_every == 0:
                 _sleep_until(deadline)
                 raise RuntimeError(f"injected fault in simulated batch {call}")
-            if not per_step:  # one sleep for the whole call: one wake-up's overshoot, not two
+            if not per_step:  # one wait for the whole call
+                answers = [self._tokens(item, words[i], longest) for i, item in enumerate(items)]
                 _sleep_until(deadline + longest * (self.latency.step_s + self.latency.step_per_seq_s * len(items)))
-                for i, item in enumerate(items):
-                    first, cycle = len(item.generated), words[i]
-                    tokens = [cycle[(first + k) % len(cycle)] for k in range(longest)]
-                    if self.eos_after and not item.ignore_eos and first < self.eos_after <= first + longest:
-                        tokens[self.eos_after - 1 - first] = self.end_token
+                for i, tokens in enumerate(answers):
                     tracker.complete(i, tokens)
             else:
                 _sleep_until(deadline)
                 self._run_steps(items, words, tracker, listener, deadline)
         tracker.finish_all()
+
+    def _tokens(self, item: EngineItem, cycle: Sequence[str], count: int) -> list[str]:
+        """The next `count` tokens of a sequence (computed while the device "runs")."""
+        first = len(item.generated)
+        tokens = [cycle[(first + k) % len(cycle)] for k in range(count)]
+        if self.eos_after and not item.ignore_eos and first < self.eos_after <= first + count:
+            tokens[self.eos_after - 1 - first] = self.end_token
+        return tokens
 
     def _run_steps(
         self,
@@ -134,6 +140,7 @@ class SimulatedEngine:
 
 
 _precise = threading.local()
+SPIN_S = 0.0003  # the last stretch of a wait is spun (see _sleep_until)
 
 
 def _precise_sleeps() -> None:
@@ -152,6 +159,11 @@ def _precise_sleeps() -> None:
 
 
 def _sleep_until(deadline: float) -> None:
-    remaining = deadline - time.monotonic()
+    """Returns at `deadline`, not a wake-up later: sleeps until SPIN_S before it (releasing the
+    GIL), then yields until it. A thread woken from a sleep runs 50-150 us late on a loaded
+    or virtual machine; a device's completion (CUDA's default is to spin on it) is not."""
+    remaining = deadline - SPIN_S - time.monotonic()
     if remaining > 0:
-        time.sleep(remaining)  # releases the GIL
+        time.sleep(remaining)
+    while time.monotonic() < deadline:
+        time.sleep(0)  # releases the GIL between checks: the event loop is never held up

@@ -37,6 +37,7 @@ class Route:
     error_body: ErrorBody = plain_error
     protocol: str | None = None  # counted here (streams outlive the handler); None: by the handler
     observe: Callable[[str], Any] | None = None
+    direct: bool = False  # answers are always JSON: may be served on uvicorn's cycle (direct.py)
 
 
 class BodyTooLarge(Exception):
@@ -75,7 +76,7 @@ class Front:
             return
         # X-Request-Id (the client's or a new one) on every answer; it and traceparent are on
         # every log line written while this request is served.
-        request_id, traceparent = _request_ids(scope)
+        request_id, traceparent = request_context.ids_from_headers(scope["headers"])
         bound = request_context.bind(request_id, traceparent)
         try:
             await self._http(scope, receive, _with_request_id(send, request_id))
@@ -265,16 +266,6 @@ def _coalescing(receive: Receive, send: Send) -> Send:
             real.close()
 
     return coalesced
-
-
-def _request_ids(scope: Scope) -> tuple[str, str | None]:
-    request_id = traceparent = None
-    for name, value in scope["headers"]:
-        if name == request_context.REQUEST_ID_HEADER:
-            request_id = value
-        elif name == request_context.TRACEPARENT_HEADER:
-            traceparent = value
-    return request_context.accept_request_id(request_id), request_context.accept_traceparent(traceparent)
 
 
 def _with_request_id(send: Send, request_id: str) -> Send:

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
 log = logging.getLogger("ferry.front")
 LINGER_S = 0.5
@@ -40,6 +41,9 @@ class GuardConfig:
     # is then two assignments, not a timer scheduled and cancelled (measured on the hot path).
     watched: dict[GuardedProtocol, None] = field(default_factory=dict)
     sweeper: asyncio.TimerHandle | None = None
+    # The hot routes' direct path (predictor.front.direct): a request's coroutine, or None
+    # for the ASGI path.
+    direct: Callable[[RequestResponseCycle], Coroutine[Any, Any, None] | None] | None = None
 
     def count(self, reason: str) -> None:
         self.cut[reason] = self.cut.get(reason, 0) + 1
@@ -228,6 +232,16 @@ class GuardedProtocol(HttpToolsProtocol):
                 return
             _close_idle(self.connections, self)
         super().on_headers_complete()
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        direct = self.GUARD.direct
+        serve = direct(cycle) if direct is not None and app is self.app else None
+        if serve is None:
+            super()._start_asgi_task(cycle, app)
+            return
+        task = self.loop.create_task(serve)
+        task.add_done_callback(self.tasks.discard)
+        self.tasks.add(task)
 
     def on_body(self, body: bytes) -> None:
         if self._rejected or self.cycle is None:
