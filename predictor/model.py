@@ -7,7 +7,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import kserve
@@ -46,14 +46,19 @@ def build_engine(settings: Settings) -> Engine:
     )
 
 
+RecordLater = Callable[[Any, Any, float], None]
+
+
 class Observed:
     """One request's ferry_requests_total{protocol, outcome} and duration (a plain context
-    manager: it runs on every request)."""
+    manager: it runs on every request). With `record_later` (the batcher's), the counter and
+    histogram are updated off the answer's path, with the batch's other series."""
 
-    __slots__ = ("protocol", "started")
+    __slots__ = ("protocol", "record_later", "started")
 
-    def __init__(self, protocol: str) -> None:
+    def __init__(self, protocol: str, record_later: RecordLater | None = None) -> None:
         self.protocol = protocol
+        self.record_later = record_later
         self.started = time.monotonic()
 
     def __enter__(self) -> Observed:
@@ -65,8 +70,12 @@ class Observed:
     def record(self, error: BaseException | None) -> None:
         outcome = "ok" if error is None else outcome_of(error)
         counted, timed = _request_series(self.protocol, outcome)
-        counted.inc()
-        timed.observe(time.monotonic() - self.started)
+        seconds = time.monotonic() - self.started
+        if self.record_later is not None:
+            self.record_later(counted, timed, seconds)
+        else:
+            counted.inc()
+            timed.observe(seconds)
 
 
 @functools.cache
@@ -201,7 +210,7 @@ class FerryModel(kserve.Model):
 
     def observe(self, protocol: str) -> Observed:
         """Counts one request by protocol and outcome and times it (`with model.observe(...)`)."""
-        return Observed(protocol)
+        return Observed(protocol, self._batcher.record_request if self._batcher is not None else None)
 
     def check_accepting(self) -> None:
         if self.draining or not self.batcher.accepting:

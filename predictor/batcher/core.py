@@ -79,6 +79,7 @@ class Batcher:
         # part of a closed-loop cycle, and a histogram observe costs microseconds of it.
         self._observations: list[tuple[RequestStream, EngineOutput, float]] = []
         self._dispatched: list[tuple[list[RequestStream], float]] = []
+        self._requests: list[tuple[Any, Any, float]] = []  # (counter, histogram, seconds)
         self._observe_timer: asyncio.TimerHandle | None = None
         metrics.SLOTS_TOTAL.set(workers)
         metrics.QUEUE_CAPACITY.set(max_queue_size)
@@ -250,6 +251,17 @@ class Batcher:
         if self._observations:
             self._schedule_flush(METRICS_DELAY_S)
 
+    def record_request(self, counter: Any, histogram: Any, seconds: float) -> None:
+        """A protocol's per-request counter and duration, recorded with the batch's series."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # not on the loop: nothing would flush it
+            counter.inc()
+            histogram.observe(seconds)
+            return
+        self._requests.append((counter, histogram, seconds))
+        self._schedule_flush(METRICS_DELAY_S)
+
     def _schedule_flush(self, delay_s: float) -> None:
         if self._observe_timer is not None:
             if self._observe_timer.when() <= asyncio.get_running_loop().time() + delay_s:
@@ -262,6 +274,10 @@ class Batcher:
         if self._observe_timer is not None:
             self._observe_timer.cancel()
             self._observe_timer = None
+        requests, self._requests = self._requests, []
+        for counter, histogram, seconds in requests:
+            counter.inc()
+            histogram.observe(seconds)
         dispatched, self._dispatched = self._dispatched, []
         for batch, started in dispatched:
             self._batch_size_metric.observe(len(batch))

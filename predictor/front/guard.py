@@ -112,6 +112,10 @@ class GuardedProtocol(HttpToolsProtocol):
         self._deadline = None  # the sweeper forgets the connection on its next pass
 
     def _timed_out(self, reason: str) -> None:
+        if reason == "keep_alive":  # idle between requests for --timeout_keep_alive
+            if not self._started and not self.transport.is_closing():
+                self.transport.close()
+            return
         if reason == "header_timeout" and self._in_head:
             if not self._started:  # not a byte of a request: nothing to answer, just close
                 self.GUARD.count("idle_timeout")
@@ -177,7 +181,7 @@ class GuardedProtocol(HttpToolsProtocol):
         self._started = True
         self._head_bytes = 0
         self._header_count = 0
-        if self._deadline is None:  # a keep-alive connection's next request starts now
+        if self._deadline is None or self._deadline_reason == "keep_alive":  # the next request starts now
             self._arm(self.GUARD.header_timeout_s, "header_timeout")
 
     def on_url(self, url: bytes) -> None:
@@ -232,6 +236,20 @@ class GuardedProtocol(HttpToolsProtocol):
                 return
             _close_idle(self.connections, self)
         super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        """uvicorn's, with the keep-alive timeout on the guard's sweeper instead of a timer
+        scheduled and cancelled per request."""
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self._unset_keepalive_if_required()
+        self.flow.resume_reading()
+        if self.pipeline:
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+        elif not self._started:  # no next request begun yet
+            self._arm(self.timeout_keep_alive, "keep_alive")
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
         direct = self.GUARD.direct
