@@ -475,24 +475,11 @@ def test_a_7mb_grpc_prompt_is_refused_fast(plain: FerryProcess) -> None:
 
 def test_character_bound_covers_the_vocabulary() -> None:
     from predictor.protocols.requests import MAX_CHARS_PER_TOKEN
-    from predictor.tokenizer import gpt2_vocabulary
+    from predictor.tokenizer import byte_of_character, gpt2_vocabulary
 
-    decoder = _byte_decoder()
+    decoder = byte_of_character()  # checked against Hugging Face's tokens in test_tokenizer.py
     longest = max(len(bytes(decoder[c] for c in token).decode("utf-8", "replace")) for token in gpt2_vocabulary())
     assert longest <= MAX_CHARS_PER_TOKEN
-
-
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2's byte-level alphabet, character -> byte."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
 
 
 # ---- 5. no 5xx for client input --------------------------------------------------------------
