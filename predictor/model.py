@@ -70,12 +70,12 @@ class Observed:
     def record(self, error: BaseException | None) -> None:
         outcome = "ok" if error is None else outcome_of(error)
         counted, timed = _request_series(self.protocol, outcome)
-        seconds = time.monotonic() - self.started
-        if self.record_later is not None:
-            self.record_later(counted, timed, seconds)
-        else:
-            counted.inc()
-            timed.observe(seconds)
+        (self.record_later or _record_now)(counted, timed, time.monotonic() - self.started)
+
+
+def _record_now(counter: Any, histogram: Any, seconds: float) -> None:
+    counter.inc()
+    histogram.observe(seconds)
 
 
 @functools.cache

@@ -11,7 +11,8 @@ import socket
 import httpx
 import orjson
 
-from tests.conftest import REFERENCE_PROMPT, FerryProcess
+from tests.conftest import REFERENCE_PROMPT, FerryFactory, FerryProcess
+from tests.helpers import INSTANT_ENGINE
 
 BODY = orjson.dumps({"text": REFERENCE_PROMPT, "max_new_tokens": 4, "ignore_eos": True})
 
@@ -100,3 +101,15 @@ def test_keep_alive_connection_serves_many_requests(ferry: FerryProcess) -> None
             assert answer.status_code == 200
             assert answer.json()["generated_tokens"] == 4
         assert client.get("/v2/health/ready").status_code == 200  # the same connection, an ASGI route
+
+
+def test_refused_without_the_api_key_the_same_on_both_paths(ferry_factory: FerryFactory) -> None:
+    keyed = ferry_factory(api_key="test-key-0123456789abcdef", **INSTANT_ENGINE)
+    ((direct_status, direct_headers, direct_body),) = exchange(keyed.http_port, post("/generate", BODY), 1)
+    ((asgi_status, asgi_headers, asgi_body),) = exchange(keyed.http_port, post_chunked("/generate", BODY), 1)
+    assert direct_status == asgi_status == b"HTTP/1.1 401 Unauthorized"
+    assert comparable(direct_headers) == comparable(asgi_headers)
+    assert direct_body == asgi_body
+    with socket.create_connection(("127.0.0.1", keyed.http_port), timeout=10) as sock:  # one length header
+        sock.sendall(post("/generate", BODY))
+        assert sock.recv(65536).lower().count(b"content-length:") == 1

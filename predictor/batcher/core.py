@@ -253,14 +253,11 @@ class Batcher:
 
     def record_request(self, counter: Any, histogram: Any, seconds: float) -> None:
         """A protocol's per-request counter and duration, recorded with the batch's series."""
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:  # not on the loop: nothing would flush it
-            counter.inc()
-            histogram.observe(seconds)
-            return
         self._requests.append((counter, histogram, seconds))
-        self._schedule_flush(METRICS_DELAY_S)
+        try:
+            self._schedule_flush(METRICS_DELAY_S)
+        except RuntimeError:  # not on the loop: nothing would flush it later
+            self.flush_observations()
 
     def _schedule_flush(self, delay_s: float) -> None:
         if self._observe_timer is not None:

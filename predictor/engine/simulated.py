@@ -110,10 +110,7 @@ class SimulatedEngine:
     def _tokens(self, item: EngineItem, cycle: Sequence[str], count: int) -> list[str]:
         """The next `count` tokens of a sequence (computed while the device "runs")."""
         first = len(item.generated)
-        tokens = [cycle[(first + k) % len(cycle)] for k in range(count)]
-        if self.eos_after and not item.ignore_eos and first < self.eos_after <= first + count:
-            tokens[self.eos_after - 1 - first] = self.end_token
-        return tokens
+        return [self._token(item, cycle, first + k) for k in range(count)]
 
     def _run_steps(
         self,

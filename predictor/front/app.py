@@ -39,6 +39,11 @@ class Route:
     observe: Callable[[str], Any] | None = None
     direct: bool = False  # answers are always JSON: may be served on uvicorn's cycle (direct.py)
 
+    def error_answer(self, error: Exception) -> tuple[int, Any, bool]:
+        """The status, body and whether to send Retry-After, for a failed request."""
+        status, payload = self.error_body(error)
+        return status, payload, failure_of(error).retry_after
+
 
 class BodyTooLarge(Exception):
     def __init__(self, size: int, limit: int) -> None:
@@ -83,14 +88,21 @@ class Front:
         finally:
             request_context.unbind(bound)
 
+    def unauthorized(self, scope: Scope) -> tuple[list[tuple[bytes, bytes]], bytes] | None:
+        """The 401's headers and body when an API key is configured and not presented; one
+        check for every route, hot, direct and fallback."""
+        if self.api_key is None:
+            return None
+        problem = self.api_key.http_problem(scope["method"], scope["path"], scope["headers"])
+        return None if problem is None else self.api_key.http_401(scope["path"], problem)
+
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.api_key is not None:  # one check for every route, hot and fallback
-            problem = self.api_key.http_problem(scope["method"], scope["path"], scope["headers"])
-            if problem is not None:
-                headers, body = self.api_key.http_401(scope["path"], problem)
-                await send({"type": "http.response.start", "status": 401, "headers": headers})
-                await send({"type": "http.response.body", "body": body})
-                return
+        refused = self.unauthorized(scope)
+        if refused is not None:
+            headers, body = refused
+            await send({"type": "http.response.start", "status": 401, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+            return
         if self.blocked_prefixes and scope["path"].startswith(self.blocked_prefixes):
             await self._send_json(send, 404, {"error": "not served: the model repository routes are disabled"})
             return
@@ -177,8 +189,7 @@ class Front:
             raise
         except Exception as exc:
             error = exc
-            status, payload = route.error_body(exc)
-            retry = failure_of(exc).retry_after
+            status, payload, retry = route.error_answer(exc)
             await self._send_json(send, status, payload, retry_after=retry)
         finally:
             if observed is not None:

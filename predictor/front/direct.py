@@ -23,13 +23,12 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, RequestResponseCy
 
 from predictor import request_context
 from predictor.front.disconnect import HOOK
-from predictor.protocols.errors import failure_of
 
 if TYPE_CHECKING:
     from predictor.front.app import Front, Route
 
 log = logging.getLogger("ferry.front")
-JSON_HEAD = b"content-type: application/json\r\ncontent-length: "
+JSON_TYPE = b"content-type: application/json\r\n"
 
 
 class _ClientGone(Exception):
@@ -54,18 +53,17 @@ def direct_task(front: Front, cycle: RequestResponseCycle) -> Coroutine[Any, Any
 
 
 async def serve(front: Front, route: Route, cycle: RequestResponseCycle) -> None:
-    scope = cycle.scope
+    scope: Any = cycle.scope  # uvicorn's HTTPScope, read as the ASGI scope it is
     request_id, traceparent = request_context.ids_from_headers(scope["headers"])
     request_context.bind(request_id, traceparent)  # this task's own context: nothing to unbind
     id_header = b"x-request-id: " + request_id.encode("latin-1") + b"\r\n"
     try:
-        if front.api_key is not None:
-            problem = front.api_key.http_problem(scope["method"], scope["path"], scope["headers"])
-            if problem is not None:
-                headers, body = front.api_key.http_401(scope["path"], problem)
-                head = b"".join(name + b": " + value + b"\r\n" for name, value in headers)
-                _write(cycle, 401, head + id_header, body)
-                return
+        refused = front.unauthorized(scope)
+        if refused is not None:
+            headers, body = refused
+            head = b"".join(name + b": " + value + b"\r\n" for name, value in headers if name != b"content-length")
+            _write(cycle, 401, head + id_header, body)
+            return
         await _answer(front, route, cycle, id_header)
     except BaseException as exc:  # a bug here must not leave the connection hanging
         if not isinstance(exc, asyncio.CancelledError):
@@ -101,14 +99,13 @@ async def _answer(front: Front, route: Route, cycle: RequestResponseCycle, id_he
                 return  # nobody to answer
             raise  # cancelled from outside (shutdown)
         except Exception as exc:
-            status, payload = route.error_body(exc)
-            retry = failure_of(exc).retry_after
+            status, payload, retry = route.error_answer(exc)
     finally:
         setattr(cycle, HOOK, None)
-    extra = id_header + (b"retry-after: " + front.retry_after + b"\r\n" if retry else b"")
+    head = JSON_TYPE + id_header + (b"retry-after: " + front.retry_after + b"\r\n" if retry else b"")
     if cycle.flow.write_paused and not cycle.disconnected:
         await cycle.flow.drain()  # a client that does not read: its answers wait, not pile up
-    _write(cycle, status, JSON_HEAD, orjson.dumps(payload), extra)
+    _write(cycle, status, head, orjson.dumps(payload))
 
 
 async def _body(cycle: RequestResponseCycle) -> bytes:
@@ -122,11 +119,9 @@ async def _body(cycle: RequestResponseCycle) -> bytes:
     return bytes(cycle.body)
 
 
-def _write(
-    cycle: RequestResponseCycle, status: int, head: bytes, body: bytes, extra: bytes = b"", *, close: bool = False
-) -> None:
-    """The whole answer in one write; then the cycle is complete, as after ASGI's last send.
-    `head` ending in "content-length: " gets the length; otherwise it is added."""
+def _write(cycle: RequestResponseCycle, status: int, head: bytes, body: bytes, *, close: bool = False) -> None:
+    """The whole answer in one write (`head`: header lines, content-length added here); then
+    the cycle is complete, as after ASGI's last send."""
     if cycle.disconnected or cycle.response_started:
         return
     cycle.response_started = True
@@ -135,11 +130,7 @@ def _write(
     parts = [STATUS_LINE[status]]
     for name, value in cycle.default_headers:  # the date header, as uvicorn sends it
         parts += (name, b": ", value, b"\r\n")
-    if head.endswith(b": "):
-        parts += (head, b"%d\r\n" % len(body))
-    else:
-        parts += (head, b"content-length: %d\r\n" % len(body))
-    parts.append(extra)
+    parts += (head, b"content-length: %d\r\n" % len(body))
     parts.append(b"\r\n" if keep_alive else b"connection: close\r\n\r\n")
     parts.append(body)
     cycle.transport.write(b"".join(parts))
