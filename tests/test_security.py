@@ -718,22 +718,30 @@ def test_probes_answer_with_the_cap_full_of_busy_clients(ferry_factory: FerryFac
     ferry = ferry_factory(engine="simulated", sim_prefill_s=2.0, sim_step_s=0, sim_step_per_seq_s=0,
                           max_connections=16, max_batch_size=64)  # fmt: skip
 
+    stop = threading.Event()
+
     def busy() -> None:
-        with contextlib.suppress(httpx.HTTPError):
-            httpx.post(f"{ferry.url}/generate", json={"text": "hi"}, timeout=30)
+        # Ask again until told to stop: a client that met the cap while the poll below held the
+        # last connection got a 503 and would otherwise leave the cap one short for good.
+        while not stop.is_set():
+            with contextlib.suppress(httpx.HTTPError):
+                httpx.post(f"{ferry.url}/generate", json={"text": "hi"}, timeout=30)
 
     clients = [threading.Thread(target=busy, daemon=True) for _ in range(16)]
     for client in clients:
         client.start()
-    deadline = time.monotonic() + 10
-    while httpx.get(f"{ferry.url}/v2/models/{ferry.model_name}", timeout=5).status_code != 503:
-        assert time.monotonic() < deadline, "the cap never filled"
-        time.sleep(0.02)  # another process's state: poll it
-    for path in ("/v2/health/live", f"/v2/models/{ferry.model_name}/ready"):
-        status, elapsed = timed_get(ferry.url + path)
-        assert status == 200 and elapsed < 1.0, (path, status, elapsed)
-    for client in clients:
-        client.join(30)
+    try:
+        deadline = time.monotonic() + 20
+        while httpx.get(f"{ferry.url}/v2/models/{ferry.model_name}", timeout=5).status_code != 503:
+            assert time.monotonic() < deadline, "the cap never filled"
+            time.sleep(0.02)  # another process's state: poll it
+        for path in ("/v2/health/live", f"/v2/models/{ferry.model_name}/ready"):
+            status, elapsed = timed_get(ferry.url + path)
+            assert status == 200 and elapsed < 1.0, (path, status, elapsed)
+    finally:
+        stop.set()
+        for client in clients:
+            client.join(30)
 
 
 def test_default_timeouts_cut_a_stalled_request_within_30_s() -> None:
