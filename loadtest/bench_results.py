@@ -124,6 +124,19 @@ class Machine:
 
 
 @dataclass
+class OneUserPair:
+    """A server's 1-user p50 and the engine's batch-1 p50, sampled in alternating blocks
+    (loadtest/one_user.py): medians in seconds, their ratio, samples kept per side."""
+
+    server_p50_s: float
+    engine_p50_s: float
+    ratio: float
+    samples: int
+    blocks: int
+    per_block: int
+
+
+@dataclass
 class Results:
     """The whole run, as bench-<mode>.json holds it."""
 
@@ -134,6 +147,7 @@ class Results:
     extra: list[Row] = field(default_factory=list)  # protocols, mixed, streaming, locust
     failures: dict[str, str] = field(default_factory=dict)  # server -> why it has no figures
     ferry_thread_plan: dict[str, int] | None = None
+    ferry_one_user: OneUserPair | None = None  # interleaved with the engine's batch-1 calls
     gpu_speed: GpuSpeed | None = None
     elapsed_s: float = 0.0
     summary: Summary | None = None

@@ -19,6 +19,7 @@ from loadtest.bench_results import GpuSpeed, Results, Row
 from loadtest.ceiling import simulated_ceiling
 from loadtest.driver import BodyFactory, generate_body, mixed_generate_body, openai_stream_body
 from loadtest.harness import ROOT, Server, start_baseline, start_ferry, start_kserve_floor
+from loadtest.one_user import one_user_beside_engine
 from predictor.engine import LatencyModel
 
 MODEL_NAME = "opt-125m"
@@ -41,14 +42,11 @@ def sweep(
     levels: list[int],
     measure_once: Callable[[int], Row],
     rows: list[Row],
-    *,
-    one_user_reps: int = 1,
 ) -> None:
-    """`measure_once(users)` at every level, `cfg.repetitions(users)` times (`one_user_reps` at
-    1 user), each row numbered and added to `rows` as soon as it is measured (a later failure
-    keeps it)."""
+    """`measure_once(users)` at every level, `cfg.repetitions(users)` times, each row numbered
+    and added to `rows` as soon as it is measured (a later failure keeps it)."""
     for users in levels:
-        for rep in range(one_user_reps if users == 1 else cfg.repetitions(users)):
+        for rep in range(cfg.repetitions(users)):
             row = measure_once(users)
             row.rep = rep
             rows.append(row)
@@ -96,10 +94,16 @@ def bench_ferry(
         if results.ferry_thread_plan is None:
             results.ferry_thread_plan = ferry_thread_plan(server)
         rows = results.sweep.setdefault(label, [])
-        # 1 user, like the reference, is measured `reps` times: its yardstick (the engine's batch-1
-        # latency, another process) moves with this machine's per-process speed (up to ~10 %).
+        if label == "ferry" and 1 in cfg.levels:
+            pair = one_user_beside_engine(cfg, server.url + "/generate")
+            log(
+                f"{label:10s} users=1    p50 {pair.server_p50_s * 1000:.1f} ms beside the engine's batch-1 p50"
+                f" {pair.engine_p50_s * 1000:.1f} ms ({pair.samples} each, {pair.blocks} alternating blocks):"
+                f" {pair.ratio:.3f}"
+            )
+            results.ferry_one_user = pair
         measure_once = functools.partial(measure_beside_engine_limit, cfg, server, label)
-        sweep(cfg, levels or cfg.levels, measure_once, rows, one_user_reps=cfg.reps)
+        sweep(cfg, levels or cfg.levels, measure_once, rows)
         if extras:
             ferry_extras(cfg, server, log_dir, results.extra)
 

@@ -9,6 +9,11 @@ Configurations, each measured in this process for `time_cap_s`:
 Batch-1 latency: the fastest configuration's median for one request alone.
 
     python -m loadtest.engine_limit --model-dir models/opt-125m --in-flight 40   # prints JSON
+
+With `--single-calls-on-stdin` it loads the batch-1 configuration (1 call, every core), prints
+`ready`, and then for each line `n` on stdin times n calls of one request and prints their
+seconds as a JSON list: the bench interleaves these with a server's own 1-user requests
+(loadtest/one_user.py).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -183,6 +189,21 @@ def engine_limit(
     )
 
 
+def serve_single_calls(work: Workload, cores: int) -> None:
+    """Batch-1 calls with every core, `n` at a time as stdin asks (see the module's doc)."""
+    run, generator = _batch_runner(work, 1, cores)
+    run(1)  # warm-up
+    print("ready", flush=True)
+    for line in sys.stdin:
+        latencies = []
+        for _ in range(int(line)):
+            started = time.perf_counter()
+            run(1)
+            latencies.append(time.perf_counter() - started)
+        print(json.dumps(latencies), flush=True)
+    generator.unload_model()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-dir", type=Path, default=Path("models/opt-125m"))
@@ -192,7 +213,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compute-type", default="auto")
     parser.add_argument("--time-cap", type=float, default=5.0)
     parser.add_argument("--single-runs", type=int, default=9)
+    parser.add_argument("--single-calls-on-stdin", action="store_true", help="see the module's doc")
     args = parser.parse_args(argv)
+    if args.single_calls_on_stdin:
+        work = Workload(args.model_dir, 1, args.prompt, args.max_new_tokens, args.compute_type)
+        serve_single_calls(work, cpu_cores() if resolve_device("auto") == "cpu" else 1)
+        return
     result = engine_limit(
         args.model_dir,
         args.in_flight,

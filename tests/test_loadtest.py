@@ -271,3 +271,34 @@ def test_summary_verdicts_and_json_from_typed_rows(tmp_path: Path) -> None:
     assert written["sweep"]["ferry"][1]["ceiling_rps"] == 100.0
     assert "sim_rps" not in written["summary"]  # not measured: left out, not null
     assert "| ferry (CTranslate2) | 100.0 |" in (tmp_path / f"bench-{cfg.mode}.md").read_text()
+
+
+def test_one_user_latency_is_sampled_in_blocks_alternating_with_the_engine(
+    ferry: FerryProcess, tmp_path: Path
+) -> None:
+    from loadtest.bench import config_from_args
+    from loadtest.one_user import one_user_beside_engine
+
+    cfg = config_from_args(["--model-dir", str(ensure_tiny_model()), "--out-dir", str(tmp_path)])
+    pair = one_user_beside_engine(cfg, ferry.url + "/generate", blocks=3, per_block=4)
+    # Each block's first sample is left out on both sides: 3 x (4 - 1) each.
+    assert (pair.samples, pair.blocks, pair.per_block) == (9, 3, 4)
+    assert 0 < pair.engine_p50_s < 5 and 0 < pair.server_p50_s < 5
+    assert pair.ratio == pytest.approx(pair.server_p50_s / pair.engine_p50_s)
+
+
+def test_the_one_user_verdict_judges_the_interleaved_pair(tmp_path: Path) -> None:
+    from loadtest.bench import config_from_args
+    from loadtest.bench_results import Machine, OneUserPair, Results
+    from loadtest.bench_summary import summarize, verdicts
+
+    cfg = config_from_args(["--levels", "1,40", "--servers", "ferry", "--out-dir", str(tmp_path)])
+    results = Results(
+        config={}, generator="test", machine=Machine(2, "cpu", "3.11", "4", (0.0, 0.0, 0.0)),
+        sweep={"ferry": [_row("ferry", 1, 5.0, engine_single_latency_s=0.05)]},
+        ferry_one_user=OneUserPair(0.153, 0.150, 0.153 / 0.150, 96, 24, 5),
+    )  # fmt: skip
+    summary = summarize(cfg, results)
+    assert summary.ferry_p50_over_engine_single == pytest.approx(1.02)  # the pair's, not the row's 2.0
+    lines = verdicts(cfg, summary)
+    assert any(line.startswith("PASS  ferry p50 at 1 user") and "153 ms / 150 ms" in line for line in lines)
