@@ -95,7 +95,8 @@ def bench_ferry(
             results.ferry_thread_plan = ferry_thread_plan(server)
         rows = results.sweep.setdefault(label, [])
         if label == "ferry" and 1 in cfg.levels:
-            pair = one_user_beside_engine(cfg, server.url + "/generate")
+            # ~1.5 min in full mode; the two medians move ~2 % between runs of 40 blocks here.
+            pair = one_user_beside_engine(cfg, server.url + "/generate", blocks=40 if cfg.mode == "full" else 16)
             log(
                 f"{label:10s} users=1    p50 {pair.server_p50_s * 1000:.1f} ms beside the engine's batch-1 p50"
                 f" {pair.engine_p50_s * 1000:.1f} ms ({pair.samples} each, {pair.blocks} alternating blocks):"

@@ -92,7 +92,7 @@ class OneUser:
         self._connection.close()
 
 
-def one_user_beside_engine(cfg: BenchConfig, url: str, *, blocks: int = 24, per_block: int = 5) -> OneUserPair:
+def one_user_beside_engine(cfg: BenchConfig, url: str, *, blocks: int = 40, per_block: int = 5) -> OneUserPair:
     """`url` (a /generate endpoint) at 1 user, interleaved with the engine's batch-1 calls."""
     engine = BatchOneEngine(cfg)
     user = OneUser(url, generate_body(cfg.prompt, cfg.max_new_tokens))
