@@ -102,7 +102,32 @@ def test_driver_counts_every_request_the_server_answered(baselines: dict[str, Se
     assert result.ok_total <= after - before <= result.sent_total
     assert result.sent_total - result.ok_total <= 3
     assert 0 < result.p(50) <= result.p(99)
-    assert result.rps == pytest.approx(result.completed / result.window_s)
+    # The rate counts the window's answers over the span between the answers at its edges.
+    assert result.rate_answers == result.completed
+    assert result.rps == pytest.approx(result.completed / result.rate_span_s)
+    assert result.rate_span_s == pytest.approx(result.window_s, abs=1.0)
+
+
+def test_the_rate_counts_whole_bursts_whatever_the_window_phase() -> None:
+    from loadtest.driver import answer_aligned_rate
+
+    # 50 answers every 0.45 s (a batch of 50 at a time), a few ms apart within a burst.
+    answers = sorted(0.45 * k + 0.0001 * i for k in range(1, 60) for i in range(50))
+    rates, counts = set(), set()
+    for phase in range(45):
+        start = 2.0 + phase / 100
+        if any(min(edge % 0.45, 0.45 - edge % 0.45) < 0.006 for edge in (start, start + 10.0)):
+            continue  # an edge inside a burst's 5 ms: off by part of that burst (not whole ones)
+        n, span = answer_aligned_rate(answers, start, start + 10.0)
+        rates.add(round(n / span, 6))
+        counts.add(n)
+    assert rates == {round(50 / 0.45, 6)}  # 111.1 req/s at every phase
+    assert counts == {1100, 1150}  # what a fixed 10 s window counts: 110 or 115 req/s
+    # Answers spread evenly: the plain count over the window.
+    even = [0.01 * k for k in range(1, 2001)]
+    n, span = answer_aligned_rate(even, 3.005, 13.005)
+    assert n == 1000 and n / span == pytest.approx(100.0)
+    assert answer_aligned_rate([1.0], 2.0, 3.0) == (0, 0.0)  # no answer inside the window
 
 
 def test_percentile_is_nearest_rank() -> None:
