@@ -14,11 +14,13 @@ generator (loadtest/driver.py, closed loop):
    the closed-loop limit at n users is L = n / (T(n, t) + n / floor).
 
 Each server is measured at every concurrency of the sweep; the reference concurrency (40) is
-measured `reps` times and reported as the median. Everything runs on 127.0.0.1 in subprocesses
+measured `reps` times and reported as the median. ferry's 1-user p50 is judged against the
+engine's batch-1 latency sampled in blocks alternating with ferry's own (loadtest/one_user.py),
+so this machine's drift in speed falls on both. Everything runs on 127.0.0.1 in subprocesses
 that are stopped at the end, whatever happens. Results: bench-results/bench-<mode>.{json,md};
 plots: docs/ (full mode) or bench-results/ (quick mode).
 
-Quick mode takes about 4 minutes; full mode about 20 (bounded: every warm-up, window and
+Quick mode takes about 4 minutes; full mode about 23 (bounded: every warm-up, window and
 engine-limit measurement has a cap; see --help for the knobs).
 """
 
