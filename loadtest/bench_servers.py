@@ -15,7 +15,7 @@ from pathlib import Path
 from loadtest import report, wrk
 from loadtest.bench_config import BenchConfig, log
 from loadtest.bench_measure import REFERENCE_LOAD, Load, ferry_batches, ferry_thread_plan, measure, run_engine_limit
-from loadtest.bench_results import GpuSpeed, Results, Row
+from loadtest.bench_results import GpuSpeed, OneUserPair, Results, Row
 from loadtest.ceiling import simulated_ceiling
 from loadtest.driver import BodyFactory, generate_body, mixed_generate_body, openai_stream_body
 from loadtest.harness import ROOT, Server, start_baseline, start_ferry, start_kserve_floor
@@ -95,18 +95,28 @@ def bench_ferry(
             results.ferry_thread_plan = ferry_thread_plan(server)
         rows = results.sweep.setdefault(label, [])
         if label == "ferry" and 1 in cfg.levels:
-            # ~1.5 min in full mode; the two medians move ~2 % between runs of 40 blocks here.
-            pair = one_user_beside_engine(cfg, server.url + "/generate", blocks=40 if cfg.mode == "full" else 16)
-            log(
-                f"{label:10s} users=1    p50 {pair.server_p50_s * 1000:.1f} ms beside the engine's batch-1 p50"
-                f" {pair.engine_p50_s * 1000:.1f} ms ({pair.samples} each, {pair.blocks} alternating blocks):"
-                f" {pair.ratio:.3f}"
-            )
-            results.ferry_one_user = pair
+            results.ferry_one_user = measure_one_user(cfg, server, results)
         measure_once = functools.partial(measure_beside_engine_limit, cfg, server, label)
         sweep(cfg, levels or cfg.levels, measure_once, rows)
         if extras:
             ferry_extras(cfg, server, log_dir, results.extra)
+
+
+def measure_one_user(cfg: BenchConfig, server: Server, results: Results) -> OneUserPair | None:
+    """ferry at 1 user beside the engine's batch-1 calls, in alternating blocks; None (and the
+    failure recorded) if it fails, so the sweep still runs."""
+    try:
+        # ~1.5 min in full mode; the two medians move ~2 % between runs of 40 blocks here.
+        pair = one_user_beside_engine(cfg, server.url + "/generate", blocks=40 if cfg.mode == "full" else 16)
+    except (OSError, RuntimeError, ValueError, subprocess.SubprocessError) as exc:
+        log(f"ferry at 1 user beside the engine FAILED: {type(exc).__name__}: {exc}")
+        results.failures["ferry-one-user"] = f"{type(exc).__name__}: {exc}"
+        return None
+    log(
+        f"{'ferry':10s} users=1    p50 {pair.server_p50_s * 1000:.1f} ms beside the engine's batch-1 p50"
+        f" {pair.engine_p50_s * 1000:.1f} ms ({pair.samples} each, {pair.blocks} alternating blocks): {pair.ratio:.3f}"
+    )
+    return pair
 
 
 def measure_beside_engine_limit(cfg: BenchConfig, server: Server, label: str, users: int) -> Row:
