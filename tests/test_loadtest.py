@@ -327,3 +327,17 @@ def test_the_one_user_verdict_judges_the_interleaved_pair(tmp_path: Path) -> Non
     assert summary.ferry_p50_over_engine_single == pytest.approx(1.02)  # the pair's, not the row's 2.0
     lines = verdicts(cfg, summary)
     assert any(line.startswith("PASS  ferry p50 at 1 user") and "153 ms / 150 ms" in line for line in lines)
+
+
+def test_a_failed_one_user_measurement_is_recorded_and_the_bench_goes_on(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from loadtest.bench import config_from_args
+    from loadtest.bench_results import Machine, Results
+    from loadtest.bench_servers import measure_one_user
+
+    cfg = config_from_args(["--model-dir", str(tmp_path / "no-model"), "--out-dir", str(tmp_path)])
+    results = Results(config={}, generator="test", machine=Machine(2, "cpu", "3.11", "4", (0.0, 0.0, 0.0)), sweep={})
+    server = SimpleNamespace(url="http://127.0.0.1:9")
+    assert measure_one_user(cfg, server, results) is None  # type: ignore[arg-type]
+    assert "batch-1 engine process" in results.failures["ferry-one-user"]
