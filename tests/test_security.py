@@ -18,6 +18,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -101,26 +102,29 @@ while True:
 
 class ProbeLoop:
     """Polls a URL on new connections from another process (so the test's own work never
-    delays the probe) and collects each answer's status and latency."""
+    delays the probe) and collects each answer's status and latency. The probe writes to a
+    file, not a pipe: a pipe nobody reads until the end fills up and stops the probe."""
 
     def __init__(self, url: str) -> None:
         self.url = url
         self.latencies: list[float] = []
         self.statuses: list[int] = []
         self._process: subprocess.Popen[str] | None = None
+        self._out = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed in __exit__)
 
     def __enter__(self) -> ProbeLoop:
-        self._process = subprocess.Popen(
-            [sys.executable, "-c", PROBE_SCRIPT, self.url], stdout=subprocess.PIPE, text=True
-        )
+        self._process = subprocess.Popen([sys.executable, "-c", PROBE_SCRIPT, self.url], stdout=self._out, text=True)
         time.sleep(0.3)  # polling by now
         return self
 
     def __exit__(self, *_: object) -> None:
         assert self._process is not None
         self._process.terminate()
-        output, _ = self._process.communicate(timeout=10)
-        for line in output.splitlines():
+        self._process.wait(timeout=10)
+        self._out.seek(0)
+        lines = self._out.read().split("\n")[:-1]  # what follows the last newline was cut off
+        self._out.close()
+        for line in lines:
             status, elapsed = line.split()
             self.statuses.append(int(status))
             self.latencies.append(float(elapsed))
