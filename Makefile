@@ -20,7 +20,7 @@ help:
 	@echo "make serve        venv + install + build the offline OPT-125m-shaped model + serve on :$(HTTP_PORT)"
 	@echo "make test         install test deps (Debian + PyPI) and run the whole test suite"
 	@echo "make lint         ruff + mypy"
-	@echo "make bench-quick  side-by-side benchmark, quick mode (< 3 min)"
+	@echo "make bench-quick  side-by-side benchmark, quick mode (~4 min)"
 	@echo "make bench        full benchmark + concurrency sweep + plots"
 
 $(VENV)/.stamp-runtime: pyproject.toml
