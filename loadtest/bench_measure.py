@@ -163,7 +163,6 @@ def run_engine_limit(cfg: BenchConfig, users: int) -> EngineLimit:
             "--max-new-tokens", str(cfg.max_new_tokens),
             "--compute-type", cfg.compute_type,
             "--time-cap", str(min(cfg.measure_s, 6.0)),
-            "--single-runs", "9" if users == 1 else "0",
         ],
         cwd=ROOT, capture_output=True, text=True, timeout=cfg.measure_s * 8 + 120, check=True,
     )  # fmt: skip

@@ -46,7 +46,6 @@ class Row:
     ceiling: EngineLimit | SimulatedCeiling | None = None
     ceiling_rps: float | None = None
     ceiling_config: str | None = None
-    engine_single_latency_s: float | None = None
 
 
 @dataclass

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import functools
 import json
 import subprocess
 import sys
@@ -37,14 +36,9 @@ def running(server: Server, stop_timeout_s: float) -> Iterator[Server]:
         log(f"{server.name} stopped (log: {server.log_path})")
 
 
-def sweep(
-    cfg: BenchConfig,
-    levels: list[int],
-    measure_once: Callable[[int], Row],
-    rows: list[Row],
-) -> None:
-    """`measure_once(users)` at every level, `cfg.repetitions(users)` times, each row numbered
-    and added to `rows` as soon as it is measured (a later failure keeps it)."""
+def sweep(cfg: BenchConfig, levels: list[int], measure_once: Callable[[int], Row], rows: list[Row]) -> None:
+    """`measure_once(users)` at every level, `cfg.repetitions(users)` times, each row numbered and
+    added to `rows` as soon as it is measured (a later failure keeps it)."""
     for users in levels:
         for rep in range(cfg.repetitions(users)):
             row = measure_once(users)
@@ -96,8 +90,7 @@ def bench_ferry(
         rows = results.sweep.setdefault(label, [])
         if label == "ferry" and 1 in cfg.levels:
             results.ferry_one_user = measure_one_user(cfg, server, results)
-        measure_once = functools.partial(measure_beside_engine_limit, cfg, server, label)
-        sweep(cfg, levels or cfg.levels, measure_once, rows)
+        sweep(cfg, levels or cfg.levels, lambda users: measure_beside_engine_limit(cfg, server, label, users), rows)
         if extras:
             ferry_extras(cfg, server, log_dir, results.extra)
 
@@ -127,8 +120,6 @@ def measure_beside_engine_limit(cfg: BenchConfig, server: Server, label: str, us
     row.ceiling = limit
     row.ceiling_rps = limit.rps
     row.ceiling_config = limit.best_config
-    if limit.single_latency_s:
-        row.engine_single_latency_s = limit.single_latency_s
     configs = ", ".join(f"{c.config}: {c.rps:.1f}" for c in limit.configs)
     log(
         f"{'ceiling':10s} users={users:<4d} {limit.rps:8.1f} req/s (best of {configs})"

@@ -6,21 +6,18 @@ Configurations, each measured in this process for `time_cap_s`:
   - 1 call of n at a time, every core on it (inter 1, intra = cores);
   - k concurrent calls of n/k, each with cores/k threads (inter k, intra cores/k), for k = 2
     (and more when the machine has the cores).
-Batch-1 latency: the fastest configuration's median for one request alone.
-
     python -m loadtest.engine_limit --model-dir models/opt-125m --in-flight 40   # prints JSON
 
-With `--single-calls-on-stdin` it loads the batch-1 configuration (1 call, every core), prints
-`ready`, and then for each line `n` on stdin times n calls of one request and prints their
-seconds as a JSON list: the bench interleaves these with a server's own 1-user requests
-(loadtest/one_user.py).
+The batch-1 latency (the 1-user yardstick): with `--single-calls-on-stdin` it loads the batch-1
+configuration (1 call, every core), prints `ready`, and then for each line `n` on stdin times n
+calls of one request and prints their seconds as a JSON list: the bench interleaves these with
+a server's own 1-user requests (loadtest/one_user.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import threading
 import time
@@ -41,7 +38,6 @@ class ConfigResult:
     calls: int
     threads_per_call: int
     rps: float
-    single_latency_s: float | None
 
 
 @dataclass
@@ -52,7 +48,6 @@ class EngineLimit:
     cores: int
     rps: float
     best_config: str
-    single_latency_s: float | None
     configs: list[ConfigResult]
 
     @classmethod
@@ -104,19 +99,6 @@ def _batch_runner(work: Workload, calls: int, threads_per_call: int) -> tuple[Ca
     return run, generator
 
 
-def _single_latencies(run: Callable[[int], None], runs: int) -> list[float]:
-    """Seconds for one request alone, `runs` times (after one warm-up)."""
-    if not runs:
-        return []
-    run(1)
-    latencies = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        run(1)
-        latencies.append(time.perf_counter() - started)
-    return latencies
-
-
 def _throughput(run: Callable[[int], None], sizes: list[int], time_cap_s: float) -> float:
     """Requests/s with one thread per call, each generating its batch size again and again."""
     done = [0] * len(sizes)
@@ -137,12 +119,9 @@ def _throughput(run: Callable[[int], None], sizes: list[int], time_cap_s: float)
     return sum(done) / (time.perf_counter() - started)
 
 
-def measure_config(
-    work: Workload, *, calls: int, threads_per_call: int, time_cap_s: float, single_runs: int
-) -> ConfigResult:
+def measure_config(work: Workload, *, calls: int, threads_per_call: int, time_cap_s: float) -> ConfigResult:
     sizes = [s for s in split(work.in_flight, calls) if s > 0]
     run, generator = _batch_runner(work, calls, threads_per_call)
-    singles = _single_latencies(run, single_runs)
     rps = _throughput(run, sizes, time_cap_s)
     generator.unload_model()
     return ConfigResult(
@@ -150,7 +129,6 @@ def measure_config(
         calls=len(sizes),
         threads_per_call=threads_per_call,
         rps=rps,
-        single_latency_s=statistics.median(singles) if singles else None,
     )
 
 
@@ -162,31 +140,16 @@ def engine_limit(
     max_new_tokens: int = 10,
     compute_type: str = "auto",
     time_cap_s: float = 5.0,
-    single_runs: int = 9,
 ) -> EngineLimit:
     work = Workload(model_dir, in_flight, prompt, max_new_tokens, compute_type)
     cores = cpu_cores() if resolve_device("auto") == "cpu" else 1
     call_counts = [k for k in (1, 2, 4) if k <= max(cores, 1) and k <= in_flight]
     configs = [
-        measure_config(
-            work,
-            calls=k,
-            threads_per_call=max(1, cores // k),
-            time_cap_s=time_cap_s,
-            single_runs=single_runs if k == 1 or in_flight == 1 else 0,
-        )
+        measure_config(work, calls=k, threads_per_call=max(1, cores // k), time_cap_s=time_cap_s)
         for k in call_counts
     ]
     best = max(configs, key=lambda c: c.rps)
-    singles = [c.single_latency_s for c in configs if c.single_latency_s is not None]
-    return EngineLimit(
-        in_flight=in_flight,
-        cores=cores,
-        rps=best.rps,
-        best_config=best.config,
-        single_latency_s=min(singles) if singles else None,
-        configs=configs,
-    )
+    return EngineLimit(in_flight=in_flight, cores=cores, rps=best.rps, best_config=best.config, configs=configs)
 
 
 def serve_single_calls(work: Workload, cores: int) -> None:
@@ -212,7 +175,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=10)
     parser.add_argument("--compute-type", default="auto")
     parser.add_argument("--time-cap", type=float, default=5.0)
-    parser.add_argument("--single-runs", type=int, default=9)
     parser.add_argument("--single-calls-on-stdin", action="store_true", help="see the module's doc")
     args = parser.parse_args(argv)
     if args.single_calls_on_stdin:
@@ -226,7 +188,6 @@ def main(argv: list[str] | None = None) -> None:
         max_new_tokens=args.max_new_tokens,
         compute_type=args.compute_type,
         time_cap_s=args.time_cap,
-        single_runs=args.single_runs,
     )
     print(json.dumps(asdict(result)))
 

@@ -320,11 +320,11 @@ def test_the_one_user_verdict_judges_the_interleaved_pair(tmp_path: Path) -> Non
     cfg = config_from_args(["--levels", "1,40", "--servers", "ferry", "--out-dir", str(tmp_path)])
     results = Results(
         config={}, generator="test", machine=Machine(2, "cpu", "3.11", "4", (0.0, 0.0, 0.0)),
-        sweep={"ferry": [_row("ferry", 1, 5.0, engine_single_latency_s=0.05)]},
+        sweep={"ferry": [_row("ferry", 1, 5.0)]},
         ferry_one_user=OneUserPair(0.153, 0.150, 0.153 / 0.150, 160, 40, 5),
     )  # fmt: skip
     summary = summarize(cfg, results)
-    assert summary.ferry_p50_over_engine_single == pytest.approx(1.02)  # the pair's, not the row's 2.0
+    assert summary.ferry_p50_over_engine_single == pytest.approx(1.02)  # the pair's
     lines = verdicts(cfg, summary)
     assert any(line.startswith("PASS  ferry p50 at 1 user") and "153 ms / 150 ms" in line for line in lines)
 
